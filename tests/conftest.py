@@ -1,13 +1,12 @@
 """Tiny random models built from a config inside the tests: no downloads, seconds to build."""
 
+from __future__ import annotations
+
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from __future__ import annotations
-
-import copy
 
 import pytest
 import torch

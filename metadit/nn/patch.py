@@ -119,7 +119,6 @@ class DiffBatch:
             r = max(d.A[name].shape[0] for d in present)
             A = torch.zeros(n, r, fan_in, dtype=dtype, device=device)
             B = torch.zeros(n, fan_out, r, dtype=dtype, device=device)
-            scale = torch.zeros(n, dtype=torch.float32, device=device)
             for i, d in enumerate(diffs):
                 if d is None or name not in d.A:
                     continue
@@ -132,10 +131,9 @@ class DiffBatch:
                 ri = a.shape[0]
                 if ri > min(fan_in, fan_out):
                     raise MetaditError(f"use_diffs: row {i}, module {name}: rank {ri} exceeds the layer's size")
-                A[i, :ri] = a
+                A[i, :ri] = a.to(torch.float32) * d.scale[name]  # fold the scale in (in fp32, then cast)
                 B[i, :, :ri] = b
-                scale[i] = d.scale[name]
-            factors[name] = RowFactors(A, B, scale)
+            factors[name] = RowFactors(A, B)
         return cls(factors, n)
 
 
@@ -176,8 +174,10 @@ class TrainableDiffs(nn.Module):
             self.B.append(nn.Parameter(torch.zeros(n_diffs, fan_out, rank, device=device)))
 
     def as_batch(self) -> DiffBatch:
-        scale = torch.full((self.n_diffs,), self.scale, device=self.A[0].device)
-        return DiffBatch({n: RowFactors(a, b, scale) for n, a, b in zip(self.names, self.A, self.B)}, self.n_diffs)
+        # The scale is folded into A as part of the graph, so gradients reach the stored (unscaled) factors.
+        s = self.scale
+        return DiffBatch({n: RowFactors(a * s if s != 1.0 else a, b) for n, a, b in zip(self.names, self.A, self.B)},
+                         self.n_diffs)
 
     def to_diffs(self, dtype: torch.dtype = torch.float32) -> list[LoraDiff]:
         """Detached copies, one `LoraDiff` per row."""

@@ -1,0 +1,116 @@
+"""The core benchmark: one DIT-style training step with K different diffs in the batch, three ways.
+
+- factored: the per-row diff applied as `((x @ Aᵢᵀ) · sᵢ) @ Bᵢᵀ` (metadit's layer)
+- dense: a dense per-row ΔWᵢ = sᵢ Bᵢ Aᵢ materialized every forward (what the paper's reference code does)
+- no-diff: the same step with no diffs at all (the ceiling)
+
+Each step: forward + cross-entropy + backward into the shared rank-16 adapter, bf16. Timed interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from metadit.bench.common import git_commit, interleaved, machine, median, write_report
+from metadit.models import load_base_model
+from metadit.nn import DiffBatch, DiffLinear, add_adapter, dense_row_delta, factored_row_delta, layer_shapes, patch_model, use_diffs
+from metadit.bank import LoraDiff
+
+
+def _rank1_diffs(shapes: dict[str, tuple[int, int]], k: int, seed: int = 0) -> list[LoraDiff]:
+    g = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(k):
+        A = {n: torch.randn(1, i, generator=g) / i**0.5 for n, (i, o) in shapes.items()}
+        B = {n: torch.randn(o, 1, generator=g) * 0.01 for n, (i, o) in shapes.items()}
+        diffs.append(LoraDiff(A, B, {n: 1.0 for n in shapes}))
+    return diffs
+
+
+def bench_core(args: argparse.Namespace) -> dict:
+    console = Console()
+    torch.manual_seed(0)
+    model, _ = load_base_model(args.model, dtype=torch.bfloat16)
+    patch_model(model)
+    params = add_adapter(model, rank=16, seed=0)
+    with torch.no_grad():
+        for p in params[1::2]:
+            p.normal_(std=0.01)  # a trained adapter, not the zero init
+    shapes = layer_shapes(model)
+    batch = DiffBatch.from_diffs(_rank1_diffs(shapes, args.rows), shapes, dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (args.rows, args.tokens), generator=torch.Generator().manual_seed(1))
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        for p in params:
+            p.grad = None
+
+    def with_diffs(row_delta):
+        def run() -> None:
+            DiffLinear.row_delta = staticmethod(row_delta)
+            try:
+                with use_diffs(model, batch):
+                    step()
+            finally:
+                DiffLinear.row_delta = staticmethod(factored_row_delta)
+        return run
+
+    variants = {"factored": with_diffs(factored_row_delta), "dense": with_diffs(dense_row_delta), "no-diff": step}
+    console.print(f"[bold]bench core[/bold]: {args.model}, {args.rows} rows x {args.tokens} tokens, "
+                  f"{args.steps} timed steps per variant (interleaved)")
+    times = interleaved(variants, steps=args.steps)
+    tokens = args.rows * args.tokens
+    tps = {k: tokens / median(v) for k, v in times.items()}
+    ratios = {
+        "factored_over_no_diff": tps["factored"] / tps["no-diff"],
+        "factored_over_dense": tps["factored"] / tps["dense"],
+    }
+    targets = {"factored_over_no_diff": 0.9, "factored_over_dense": 1.5}
+    result = {
+        "benchmark": "core",
+        "what": "one DIT training step (forward + backward, shared rank-16 adapter trainable, bf16), "
+                f"{args.rows} rows x {args.tokens} tokens, {args.rows} different rank-1 diffs",
+        "command": "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else "metadit bench core",
+        "commit": git_commit(),
+        "model": args.model,
+        "machine": machine(),
+        "seconds_per_step": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": targets,
+        "met": {k: ratios[k] >= targets[k] for k in targets},
+    }
+    table = Table(title="one DIT training step")
+    table.add_column("variant")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("median s/step", justify="right")
+    for k in variants:
+        table.add_row(k, f"{tps[k]:.0f}", f"{median(times[k]):.3f}")
+    console.print(table)
+    for k, v in ratios.items():
+        console.print(f"{k}: {v:.3f} (target >= {targets[k]}) {'met' if result['met'][k] else 'NOT met'}")
+    md = [
+        "## core: one DIT training step, per-row diffs three ways",
+        "",
+        f"Command: `{result['command']}` at commit `{result['commit']}` on {result['machine']['cpu']} "
+        f"({result['machine']['cores']} cores, torch {result['machine']['torch']}).",
+        "",
+        f"{result['what']}. Variants timed interleaved, {args.steps} steps each after 2 warm-up steps; medians.",
+        "",
+        "| variant | tokens/s | median s/step |",
+        "|---|---:|---:|",
+        *[f"| {k} | {tps[k]:.0f} | {median(times[k]):.3f} |" for k in variants],
+        "",
+        "| ratio | measured | target | met |",
+        "|---|---:|---:|---|",
+        *[f"| {k} | {ratios[k]:.3f} | {targets[k]} | {'yes' if result['met'][k] else 'no'} |" for k in targets],
+    ]
+    write_report(args.out, "core", result, "\n".join(md))
+    console.print(f"wrote {args.out / 'core.json'} and {args.out / 'README.md'}")
+    return result

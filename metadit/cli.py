@@ -1,0 +1,226 @@
+"""`metadit`: one entry point. `fit|validate|test|predict` are LightningCLI subcommands; the rest are ours.
+
+Each subcommand is registered in `COMMANDS` with a function that adds its arguments and one that runs it;
+a subcommand that is not built yet says so and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from metadit.errors import MetaditError
+
+
+@dataclass
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None  # None: not built yet
+    passthrough: bool = False  # hands its raw argv to another parser (LightningCLI)
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, passthrough: bool = False):
+    def register(add_arguments: Callable[[argparse.ArgumentParser], None]):
+        def attach(run: Callable[[argparse.Namespace], int]):
+            COMMANDS[name] = Command(help, add_arguments, run, passthrough)
+            return run
+        return attach
+    return register
+
+
+def not_built(name: str, help: str, issue: int) -> None:
+    COMMANDS[name] = Command(f"{help} [not built yet: issue #{issue}]")
+    COMMANDS[name].issue = issue  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- bank
+def _bank_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bank_command", required=True, metavar="{info,verify,repair,import-peft,export-peft}")
+    info = sub.add_parser("info", help="summary of a bank: base model, diffs, ranks, problems")
+    info.add_argument("bank", type=Path)
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    verify = sub.add_parser("verify", help="recompute every entry's checksum; non-zero exit if any is corrupt")
+    verify.add_argument("bank", type=Path)
+    repair = sub.add_parser("repair", help="remove the torn tail an interrupted write left behind")
+    repair.add_argument("bank", type=Path)
+    imp = sub.add_parser("import-peft", help="append a peft LoRA adapter directory to a bank")
+    imp.add_argument("bank", type=Path)
+    imp.add_argument("adapter", type=Path)
+    imp.add_argument("--meta", default="{}", help="JSON object stored as the entry's metadata")
+    exp = sub.add_parser("export-peft", help="write bank entry INDEX as a peft adapter directory")
+    exp.add_argument("bank", type=Path)
+    exp.add_argument("index", type=int)
+    exp.add_argument("out", type=Path)
+
+
+@command("bank", "inspect, verify, repair, import into and export from a diff bank")(_bank_args)
+def _bank(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from metadit.bank import DiffBank, LoraDiff
+
+    console = Console()
+    bank = DiffBank.open(args.bank)
+    if args.bank_command == "info":
+        s = bank.summary()
+        if args.json:
+            print(json.dumps(s, indent=2))
+            return 0
+        table = Table(title=f"diff bank {s['path']}", show_header=False)
+        for k in ("base_model", "created", "diffs", "ranks", "writers", "shards", "bytes"):
+            v = s[k]
+            table.add_row(k, f"{v['name']} (fingerprint {v['fingerprint']})" if k == "base_model" else str(v))
+        for k, v in s["info"].items():
+            table.add_row(f"info.{k}", str(v))
+        table.add_row("problems", "\n".join(s["problems"]) or "none")
+        console.print(table)
+        return 0
+    if args.bank_command == "verify":
+        bad = bank.verify()
+        for line in bad:
+            console.print(f"[red]corrupt[/red] {line}")
+        for p in bank.problems:
+            console.print(f"[yellow]torn tail[/yellow] {p}")
+        console.print(f"{len(bank) - len(bad)}/{len(bank)} entries verified"
+                      f"{'' if not bank.problems else f', {len(bank.problems)} torn-tail problems (metadit bank repair)'}")
+        return 1 if bad or bank.problems else 0
+    if args.bank_command == "repair":
+        removed = bank.repair()
+        for line in removed:
+            console.print(f"removed: {line}")
+        console.print(f"{len(removed)} item(s) removed; {len(bank)} complete entries kept")
+        return 0
+    if args.bank_command == "import-peft":
+        try:
+            meta = json.loads(args.meta)
+        except json.JSONDecodeError as e:
+            raise MetaditError(f"--meta: not valid JSON ({e})") from e
+        diff = LoraDiff.from_peft(args.adapter)
+        check_diff_fits_bank(diff, bank)
+        entry = bank.append(diff, {"source": str(args.adapter), **meta})
+        console.print(f"appended {args.adapter} as entry {len(bank) - 1} ({entry})")
+        return 0
+    if args.bank_command == "export-peft":
+        diff, meta = bank[args.index]
+        diff.save_peft(args.out, base_model_name_or_path=bank.base_model["name"])
+        (args.out / "metadit_meta.json").write_text(json.dumps(meta, indent=2))
+        console.print(f"wrote entry {args.index} to {args.out}")
+        return 0
+    raise AssertionError(args.bank_command)
+
+
+def check_diff_fits_bank(diff, bank) -> None:
+    """Check a diff's module names and shapes against the bank's base model, from its config alone."""
+    from metadit.bank.fingerprint import config_identity, linear_shapes
+    from metadit.models import load_config
+
+    name = bank.base_model["name"]
+    try:
+        config = load_config(name)
+    except Exception:  # noqa: BLE001 — a hub model we cannot reach offline: fall back to the bank's own entries
+        if len(bank):
+            ref, _ = bank[0]
+            shapes = {n: [ref.B[n].shape[0], ref.A[n].shape[1]] for n in ref.modules}
+        else:
+            return
+    else:
+        if config_identity(config, name)["fingerprint"] != bank.base_model["fingerprint"]:
+            raise MetaditError(f"{bank.path}: base model {name!r} no longer matches the bank's fingerprint")
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            shapes = linear_shapes(AutoModelForCausalLM.from_config(config))
+    for n in diff.modules:
+        if n not in shapes:
+            raise MetaditError(f"diff targets module {n}, which base model {name!r} does not have")
+        out_f, in_f = shapes[n]
+        if diff.A[n].shape[1] != in_f or diff.B[n].shape[0] != out_f:
+            raise MetaditError(
+                f"diff module {n}: A{tuple(diff.A[n].shape)} B{tuple(diff.B[n].shape)} do not fit Linear({in_f} -> {out_f})"
+            )
+        if diff.A[n].shape[0] > min(in_f, out_f):
+            raise MetaditError(f"diff module {n}: rank {diff.A[n].shape[0]} exceeds the layer size")
+
+
+# ---------------------------------------------------------------------- bench
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from metadit.bench import BENCHMARKS
+
+    p.add_argument("which", nargs="?", default="core", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (HF id, directory or embedded name)")
+    p.add_argument("--rows", type=int, default=16, help="batch rows (= different diffs)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per row")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where core.json and README.md go")
+
+
+@command("bench", "performance benchmarks, side by side in one run; writes reports/bench/")(_bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    from metadit.bench import BENCHMARKS
+
+    BENCHMARKS[args.which](args)
+    return 0
+
+
+# ---------------------------------------------------------------------- not built yet
+not_built("fit", "train a DIT adapter (LightningCLI)", 4)
+not_built("validate", "validate a DIT adapter (LightningCLI)", 4)
+not_built("test", "test a DIT adapter on held-out diffs (LightningCLI)", 4)
+not_built("predict", "answer questions about diffs with a DIT adapter (LightningCLI)", 4)
+not_built("gen", "build a diff bank from a recipe config", 3)
+not_built("eval", "baselines and judges on held-out diffs", 5)
+not_built("sweep", "run a grid of configs (a study)", 5)
+not_built("report", "tables and plots into reports/", 5)
+not_built("ask", "ask a question about a peft adapter or a bank entry", 4)
+ORDER = ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "ask", "bank", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metadit", description="Diff Interpretation Tuning: make a finetuned model describe its own weight diff."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(ORDER) + "}")
+    for name in ORDER:
+        cmd = COMMANDS[name]
+        p = sub.add_parser(name, help=cmd.help, add_help=not cmd.passthrough)
+        if cmd.add_arguments is not None:
+            cmd.add_arguments(p)
+        if cmd.run is None or cmd.passthrough:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Unbuilt and passthrough subcommands take their argv as is, before our parser sees any option.
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].run is None:
+        print(f"metadit {argv[0]}: not built yet (issue #{getattr(COMMANDS[argv[0]], 'issue', '?')})", file=sys.stderr)
+        return 2
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].passthrough:
+        try:
+            return int(COMMANDS[argv[0]].run(argv[1:]) or 0)  # type: ignore[arg-type]
+        except MetaditError as e:
+            print(f"metadit {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = COMMANDS[args.command]
+    try:
+        return int(cmd.run(args) or 0)
+    except MetaditError as e:
+        print(f"metadit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
