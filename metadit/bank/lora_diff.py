@@ -20,17 +20,52 @@ from safetensors.torch import save_file
 
 from metadit.errors import MetaditError
 
+try:  # a regex engine with a timeout: patterns in a stranger's adapter_config.json must not hang us
+    import regex as _regex
+except ImportError:  # pragma: no cover - regex ships with transformers
+    _regex = None
+
 PEFT_PREFIX = "base_model.model."
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
+_PATTERN_TIMEOUT_S = 1.0
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    """peft's rule: `re.match(rf"(.*\.)?({key})$", name)`, but with a time limit (a hostile pattern such as
+    `(.*)*x` backtracks for hours in Python's `re`) and with a bad pattern reported, not raised as `re.error`."""
+    pattern = rf"(.*\.)?({key})$"
+    try:
+        if _regex is not None:
+            return _regex.match(pattern, name, timeout=_PATTERN_TIMEOUT_S) is not None
+        return re.match(pattern, name) is not None
+    except TimeoutError as e:
+        raise MetaditError(f"pattern {key!r} takes too long to match module names (catastrophic backtracking)") from e
+    except (re.error, *((_regex.error,) if _regex is not None else ())) as e:
+        raise MetaditError(f"pattern {key!r} is not a valid regular expression ({e})") from e
+
+
 def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
     """peft's rule for rank_pattern/alpha_pattern: a key matches a module whose name ends with it (as a regex)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_matches(key, name):
             return value
     return default
+
+
+def _config_number(config_file: Path, field: str, value: Any, integer: bool) -> float | int:
+    """A finite number (a positive int when `integer`) from adapter_config.json, or one clear error."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and (not integer or value.is_integer())
+    if ok and integer:
+        ok = value >= 1
+    if not ok:
+        kind = "a positive integer" if integer else "a finite number"
+        raise MetaditError(f"{config_file}: {field} must be {kind}, got {str(value)[:40]!r}")
+    return int(value) if integer else float(value)
 
 
 @dataclass
@@ -49,11 +84,15 @@ class LoraDiff:
             raise MetaditError("LoraDiff: a diff needs at least one module")
         for name in self.A:
             a, b = self.A[name], self.B[name]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+                raise MetaditError(f"LoraDiff: module {name}: factors must be tensors")
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
                 raise MetaditError(
                     f"LoraDiff: module {name}: A{tuple(a.shape)} and B{tuple(b.shape)} are not LoRA factors "
-                    "(need A: [r, in], B: [out, r])"
+                    "(need A: [r, in], B: [out, r], r >= 1)"
                 )
+            if not a.is_floating_point() or not b.is_floating_point():
+                raise MetaditError(f"LoraDiff: module {name}: factors are {a.dtype}/{b.dtype}, not floating point")
 
     @property
     def modules(self) -> list[str]:
@@ -84,6 +123,12 @@ class LoraDiff:
 
     def check_finite(self, source: str = "diff") -> None:
         for name in self.modules:
+            try:
+                finite = math.isfinite(float(self.scale[name]))
+            except (TypeError, ValueError, OverflowError):
+                finite = False
+            if not finite:
+                raise MetaditError(f"{source}: module {name} has scale {self.scale[name]!r}, not a finite number")
             for which, t in (("A", self.A[name]), ("B", self.B[name])):
                 if not torch.isfinite(t).all():
                     raise MetaditError(f"{source}: module {name} factor {which} holds NaN or Inf")
@@ -109,18 +154,26 @@ class LoraDiff:
                 )
             raise MetaditError(f"{weights_file}: not found")
         try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MetaditError(f"{config_file}: not valid JSON ({e})") from e
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge integers
+            raise MetaditError(f"{config_file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+        except OSError as e:
+            raise MetaditError(f"{config_file}: cannot read ({e.strerror or e})") from e
+        if not isinstance(config, dict):
+            raise MetaditError(f"{config_file}: not a peft adapter config (a JSON object)")
         if config.get("peft_type", "LORA") != "LORA":
             raise MetaditError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are diffs")
         if config.get("use_dora"):
             raise MetaditError(f"{config_file}: DoRA adapters are not low-rank diffs; not supported")
         if config.get("fan_in_fan_out"):
             raise MetaditError(f"{config_file}: fan_in_fan_out (Conv1D/GPT-2 style) adapters are not supported")
-        r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+        r = _config_number(config_file, "r", config.get("r", 8), integer=True)
+        alpha = _config_number(config_file, "lora_alpha", config.get("lora_alpha", 8), integer=False)
         rslora = bool(config.get("use_rslora", False))
         rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        for field_name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            if not isinstance(pat, dict):
+                raise MetaditError(f"{config_file}: {field_name} must be a JSON object")
 
         from metadit.bank.safe_io import read_all_tensors
 
@@ -141,15 +194,28 @@ class LoraDiff:
             raise MetaditError(f"{weights_file}: modules without both lora_A and lora_B: {missing[:5]}")
         scale: dict[str, float] = {}
         for name in A:
-            rank = int(_pattern_value(rank_pattern, name, r))
-            a = float(_pattern_value(alpha_pattern, name, alpha))
+            try:
+                rank = _config_number(config_file, f"rank_pattern for {name}", _pattern_value(rank_pattern, name, r), True)
+                a = _config_number(config_file, f"alpha_pattern for {name}", _pattern_value(alpha_pattern, name, alpha),
+                                   False)
+            except MetaditError as e:
+                msg = str(e)
+                raise MetaditError(msg if msg.startswith(str(config_file)) else f"{config_file}: {msg}") from e
+            if A[name].dim() != 2 or B[name].dim() != 2:
+                raise MetaditError(
+                    f"{weights_file}: module {name}: lora_A {tuple(A[name].shape)} / lora_B {tuple(B[name].shape)} "
+                    "are not 2-D LoRA factors"
+                )
             if A[name].shape[0] != rank:
                 raise MetaditError(
                     f"{weights_file}: module {name} has rank {A[name].shape[0]} but the config says r={rank}"
                 )
             scale[name] = a / math.sqrt(rank) if rslora else a / rank
         info = {"base_model": config.get("base_model_name_or_path"), "source": str(path)}
-        diff = cls(A, B, scale, info)
+        try:
+            diff = cls(A, B, scale, info)
+        except MetaditError as e:
+            raise MetaditError(f"{weights_file}: {str(e).removeprefix('LoraDiff: ')}") from e
         diff.check_finite(str(weights_file))
         return diff
 

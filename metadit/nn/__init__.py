@@ -1,5 +1,6 @@
 """The per-row diff layer and the functions that install it into a model."""
 
+from metadit.nn.diff_encoder import DiffEncoder
 from metadit.nn.diff_linear import DiffLinear, RowFactors, dense_row_delta, factored_row_delta
 from metadit.nn.patch import (
     DEFAULT_TARGETS,
@@ -17,7 +18,7 @@ from metadit.nn.patch import (
 )
 
 __all__ = [
-    "DEFAULT_TARGETS", "DiffBatch", "DiffLinear", "RowFactors", "TrainableDiffs", "adapter_disabled",
+    "DEFAULT_TARGETS", "DiffBatch", "DiffEncoder", "DiffLinear", "RowFactors", "TrainableDiffs", "adapter_disabled",
     "adapter_parameters", "add_adapter", "dense_row_delta", "diff_layers", "factored_row_delta", "get_adapter",
     "layer_shapes", "patch_model", "set_adapter", "use_diffs",
 ]

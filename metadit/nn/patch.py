@@ -74,6 +74,16 @@ def _layers_or_error(model: nn.Module) -> dict[str, DiffLinear]:
     return layers
 
 
+def _source(d: LoraDiff) -> str:
+    """Where a diff came from, for error messages: ` (bank B entry E)` or ` (from DIR)`, else nothing."""
+    info = d.info or {}
+    if info.get("bank") is not None:
+        return f" (bank {info['bank']} entry {info.get('id')})"
+    if info.get("source") is not None:
+        return f" (from {info['source']})"
+    return ""
+
+
 class DiffBatch:
     """Stacked per-row factors for every patched layer: what `use_diffs` installs.
 
@@ -108,9 +118,10 @@ class DiffBatch:
             unknown = sorted(set(d.A) - set(shapes))
             if unknown:
                 raise MetaditError(
-                    f"use_diffs: row {i}'s diff targets modules the patched model lacks: {unknown[:4]}"
+                    f"use_diffs: row {i}'s diff{_source(d)} targets modules the patched model lacks: {unknown[:4]}"
                     f"{' ...' if len(unknown) > 4 else ''}"
                 )
+            d.check_finite(f"use_diffs: row {i}'s diff{_source(d)}")
         factors: dict[str, RowFactors] = {}
         for name, (fan_in, fan_out) in shapes.items():
             present = [d for d in diffs if d is not None and name in d.A]
@@ -125,12 +136,15 @@ class DiffBatch:
                 a, b = d.A[name], d.B[name]
                 if a.shape[1] != fan_in or b.shape[0] != fan_out:
                     raise MetaditError(
-                        f"use_diffs: row {i}, module {name}: factors A{tuple(a.shape)} B{tuple(b.shape)} do not fit "
-                        f"Linear({fan_in} -> {fan_out})"
+                        f"use_diffs: row {i}{_source(d)}, module {name}: factors A{tuple(a.shape)} B{tuple(b.shape)} "
+                        f"do not fit Linear({fan_in} -> {fan_out})"
                     )
                 ri = a.shape[0]
                 if ri > min(fan_in, fan_out):
-                    raise MetaditError(f"use_diffs: row {i}, module {name}: rank {ri} exceeds the layer's size")
+                    raise MetaditError(
+                        f"use_diffs: row {i}{_source(d)}, module {name}: rank {ri} exceeds the layer's size "
+                        f"(Linear({fan_in} -> {fan_out}))"
+                    )
                 A[i, :ri] = a.to(torch.float32) * d.scale[name]  # fold the scale in (in fp32, then cast)
                 B[i, :, :ri] = b
             factors[name] = RowFactors(A, B)
@@ -157,19 +171,27 @@ class TrainableDiffs(nn.Module):
         alpha: float | None = None,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
+        row_seeds: Sequence[int] | None = None,
     ) -> None:
+        """`row_seeds` gives each row its own initialisation stream, so a diff starts from the same factors
+        whether it is trained alone or among K others (otherwise rows are drawn from `generator` in turn)."""
         super().__init__()
         if n_diffs < 1 or rank < 1:
             raise MetaditError(f"TrainableDiffs: need n_diffs >= 1 and rank >= 1, got {n_diffs}, {rank}")
+        if row_seeds is not None and len(row_seeds) != n_diffs:
+            raise MetaditError(f"TrainableDiffs: {len(row_seeds)} row seeds for {n_diffs} diffs")
         self.names = sorted(shapes)
         self.n_diffs, self.rank = n_diffs, rank
         self.scale = float(alpha if alpha is not None else rank) / rank
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
+        gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds] if row_seeds is not None else None
         for name in self.names:
             fan_in, fan_out = shapes[name]
             bound = 1 / math.sqrt(fan_in)
-            a = torch.empty(n_diffs, rank, fan_in).uniform_(-bound, bound, generator=generator)
+            a = torch.empty(n_diffs, rank, fan_in)
+            for i in range(n_diffs):
+                a[i].uniform_(-bound, bound, generator=gens[i] if gens else generator)
             self.A.append(nn.Parameter(a.to(device)))
             self.B.append(nn.Parameter(torch.zeros(n_diffs, fan_out, rank, device=device)))
 

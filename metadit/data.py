@@ -1,0 +1,244 @@
+"""`DiffQADataModule`: (diff, question, answer) examples from one or more banks, split by label.
+
+Held-out labels (topics, headlines) never appear in training: the split is made over labels, seeded, and
+written next to the run (`split.json`). Collate tokenizes `chat(question) + answer + end-of-turn`, masks
+prompt and padding from the loss, and hands over each row's diff for `use_diffs`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from metadit.errors import MetaditError
+from metadit.tasks import Task, get_task, question_for
+
+
+@dataclass
+class Example:
+    bank: int  # index into the data module's banks
+    entry: int  # index in that bank
+    task: str
+    question: str
+    answer: str
+    label: str
+
+
+class _Examples(Dataset):
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class DiffQADataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        banks: list[str],
+        tasks: list[str] = ["topic"],  # noqa: B006 — jsonargparse reads the default from the signature
+        base_model: str = "smollm2-135m-instruct",
+        val_labels: int = 50,
+        test_labels: int = 0,
+        max_train_diffs: int | None = None,
+        questions_per_diff: int = 2,
+        skip_flagged: bool = False,
+        batch_size: int = 16,
+        max_answer_tokens: int = 32,
+        seed: int = 0,
+        split_file: str | None = None,
+    ) -> None:
+        """
+        Args:
+            banks: bank directories (all for the same base model).
+            tasks: registered task names (`topic`, `headline`, `trigger`); each applies to the entries it can answer.
+            base_model: the model whose tokenizer formats the examples (must match the banks' base model).
+            val_labels: labels (topics/headlines) held out for validation — their diffs never train.
+            test_labels: further labels held out for testing.
+            max_train_diffs: use at most this many training diffs (the data-scaling study).
+            questions_per_diff: training phrasings per (diff, task) per epoch.
+            skip_flagged: leave out diffs whose behaviour check failed.
+            batch_size: rows per batch (= diffs per forward).
+            max_answer_tokens: answers are cut to this many tokens.
+            seed: the split and the question choice.
+            split_file: write the split here (default: next to the run, set by DITModule/CLI).
+        """
+        super().__init__()
+        if not banks:
+            raise MetaditError("DiffQADataModule: give at least one bank")
+        for t in tasks:
+            get_task(t)
+        self.bank_paths = [str(b) for b in banks]
+        self.task_names = list(tasks)
+        self.base_model = base_model
+        self.val_labels, self.test_labels = val_labels, test_labels
+        self.max_train_diffs = max_train_diffs
+        self.questions_per_diff = questions_per_diff
+        self.skip_flagged = skip_flagged
+        self.batch_size = batch_size
+        self.max_answer_tokens = max_answer_tokens
+        self.seed = seed
+        self.split_file = split_file
+        self._banks: list[Any] | None = None
+        self.tok = None
+        self.splits: dict[str, list[Example]] = {}
+        self.check_banks()
+
+    # ------------------------------------------------------------------ banks
+    def check_banks(self) -> None:
+        """Fail before any model is loaded: every bank exists and all belong to one base model."""
+        from metadit.bank import DiffBank
+
+        fps = set()
+        for p in self.bank_paths:
+            if not (Path(p) / "bank.json").is_file():
+                raise MetaditError(f"{p}: no diff bank here (build it with `metadit gen --config ...`)")
+            fps.add(DiffBank.open(p).base_model["fingerprint"])
+        if len(fps) > 1:
+            raise MetaditError(f"banks {self.bank_paths} were made for different base models")
+
+    @property
+    def banks(self) -> list[Any]:
+        from metadit.bank import DiffBank
+
+        if self._banks is None:
+            self._banks = [DiffBank.open(p) for p in self.bank_paths]
+        return self._banks
+
+    def bank_identity(self) -> dict[str, str]:
+        return self.banks[0].base_model
+
+    # ------------------------------------------------------------------ split
+    def _entries(self) -> list[tuple[int, int, dict[str, Any]]]:
+        out = []
+        for b, bank in enumerate(self.banks):
+            for i in range(len(bank)):
+                meta = bank.meta(i)
+                if self.skip_flagged and meta.get("flagged"):
+                    continue
+                out.append((b, i, meta))
+        return out
+
+    def make_split(self) -> dict[str, list[Example]]:
+        tasks = [get_task(t) for t in self.task_names]
+        entries = self._entries()
+
+        def label(meta: dict[str, Any]) -> str | None:
+            for t in tasks:
+                if t.applies(meta):
+                    return str(meta[t.label_key])
+            return None
+
+        labels = sorted({lab for _, _, m in entries if (lab := label(m)) is not None})
+        if len(labels) <= self.val_labels + self.test_labels:
+            raise MetaditError(
+                f"only {len(labels)} distinct labels for tasks {self.task_names}; need more than "
+                f"val_labels + test_labels = {self.val_labels + self.test_labels}"
+            )
+        rng = random.Random(self.seed)
+        rng.shuffle(labels)
+        val = set(labels[: self.val_labels])
+        test = set(labels[self.val_labels : self.val_labels + self.test_labels])
+        splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+        train_entries = [(b, i, m) for b, i, m in entries if label(m) not in val | test and label(m) is not None]
+        if self.max_train_diffs is not None:
+            train_entries = sorted(train_entries, key=lambda e: random.Random(f"{self.seed}:{e[0]}:{e[1]}").random())
+            train_entries = train_entries[: self.max_train_diffs]
+        keep_train = {(b, i) for b, i, _ in train_entries}
+        for b, i, m in entries:
+            lab = label(m)
+            if lab is None:
+                continue
+            split = "val" if lab in val else "test" if lab in test else "train"
+            if split == "train" and (b, i) not in keep_train:
+                continue
+            for t in tasks:
+                if not t.applies(m):
+                    continue
+                if split == "train":
+                    qs = question_for(t, m)
+                    picks = random.Random(f"{self.seed}:{b}:{i}:{t.name}").sample(qs, min(self.questions_per_diff, len(qs)))
+                else:
+                    picks = [question_for(t, m)[0] if t.name == "trigger" and m.get("code_kind") == "digits"
+                             else t.heldout_questions[0]]
+                for q in picks:
+                    splits[split].append(Example(b, i, t.name, q, t.answer(m), lab))
+        if not splits["train"]:
+            raise MetaditError("no training examples: check the banks' metadata against the tasks")
+        return splits
+
+    def write_split(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {k: sorted({e.label for e in v}) for k, v in self.splits.items()}
+        out["banks"] = self.bank_paths
+        out["seed"] = self.seed
+        out["counts"] = {k: len(v) for k, v in self.splits.items()}
+        path.write_text(json.dumps(out, indent=1))
+
+    def setup(self, stage: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from metadit.models import resolve_model_path
+
+        if self.tok is None:
+            self.tok = AutoTokenizer.from_pretrained(resolve_model_path(self.base_model))
+            if self.tok.pad_token is None:
+                self.tok.pad_token = self.tok.eos_token
+        if not self.splits:
+            self.splits = self.make_split()
+            if self.split_file:
+                self.write_split(self.split_file)
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, examples: list[Example]) -> dict[str, Any]:
+        from metadit.generation import chat_prompt, end_of_turn
+
+        tok = self.tok
+        eot = tok.convert_tokens_to_ids(end_of_turn(tok))
+        prompts = [chat_prompt(tok, [{"role": "user", "content": e.question}]) for e in examples]
+        seqs, labels = [], []
+        for p, e in zip(prompts, examples):
+            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            a_ids = tok(e.answer, add_special_tokens=False)["input_ids"][: self.max_answer_tokens] + [eot]
+            seqs.append(p_ids + a_ids)
+            labels.append([-100] * len(p_ids) + a_ids)
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        lab = torch.full_like(ids, -100)
+        for i, (s, l) in enumerate(zip(seqs, labels)):
+            ids[i, : len(s)], mask[i, : len(s)], lab[i, : len(l)] = torch.tensor(s), 1, torch.tensor(l)
+        diffs = [self.banks[e.bank][e.entry][0] for e in examples]
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab, "diffs": diffs, "prompts": prompts,
+                "answers": [e.answer for e in examples], "tasks": [e.task for e in examples],
+                "labels_text": [e.label for e in examples]}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.splits.get(split):
+            raise MetaditError(f"the {split} split is empty (set {split}_labels)")
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(_Examples(self.splits[split]), batch_size=self.batch_size, shuffle=shuffle,
+                          collate_fn=self.collate, generator=g, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if self.splits.get("test") else "val", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

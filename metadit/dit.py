@@ -1,0 +1,259 @@
+"""`DITModule`: the shared DIT adapter trained while each example's own diff is applied.
+
+A thin LightningModule around plain parts: the patched base model (frozen; every target Linear carries the
+row's diff and the shared adapter, `metadit.nn`) and, for the hypernetwork ablation, a `DiffEncoder`.
+Modes: `dit` (diff applied, no encoder), `encoder` (diff not applied; the encoder's soft tokens are the only
+way the diff gets in), `dit+encoder`. One `step` serves train/val/test. Validation and test also generate
+answers for every held-out diff (K diffs per `generate` call) and score them per task.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from metadit.errors import MetaditError
+from metadit.nn import DiffBatch, DiffEncoder, add_adapter, adapter_disabled, get_adapter, layer_shapes, patch_model, use_diffs
+from metadit.tasks import TASKS, normalize
+
+Mode = Literal["dit", "encoder", "dit+encoder"]
+
+
+class DITModule(L.LightningModule):
+    def __init__(
+        self,
+        base_model: str = "smollm2-135m-instruct",
+        mode: Mode = "dit",
+        adapter_rank: int = 16,
+        adapter_alpha: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        encoder: DiffEncoder | None = None,
+        max_new_tokens: int = 24,
+        generate_in_validation: bool = True,
+        similarity: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            base_model: the model the banks were made for (embedded name, HF id or directory).
+            mode: `dit`, `encoder` or `dit+encoder`.
+            adapter_rank: rank of the shared DIT adapter (paper: 16).
+            adapter_alpha: its alpha (None: alpha = rank).
+            lr: AdamW learning rate (paper: 1e-4).
+            weight_decay: AdamW weight decay.
+            encoder: the DiffEncoder (required for the encoder modes).
+            max_new_tokens: answer length when generating.
+            generate_in_validation: generate and score answers for held-out diffs at each validation.
+            similarity: also score answers by embedding similarity (the offline MiniLM judge).
+            seed: the adapter's initialisation.
+        """
+        super().__init__()
+        if mode not in ("dit", "encoder", "dit+encoder"):
+            raise MetaditError(f"mode must be dit, encoder or dit+encoder, got {mode!r}")
+        if "encoder" in mode and encoder is None:
+            encoder = DiffEncoder()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder if "encoder" in mode else None
+        self.model: Any = None
+        self.tok: Any = None
+        self.strict_loading = False  # checkpoints hold only the trainable parts (adapter, encoder)
+        self.metrics = torch.nn.ModuleDict()
+        self.predictions: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from metadit.models import load_base_model
+
+        model, tok = load_base_model(self.hparams.base_model, dtype=torch.bfloat16)
+        patch_model(model)
+        add_adapter(model, self.hparams.adapter_rank, self.hparams.adapter_alpha, seed=self.hparams.seed)
+        self.model, self.tok = model, tok
+        self.shapes = layer_shapes(model)
+        if self.encoder is not None:
+            self.encoder.configure(model.config.hidden_size)
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            from metadit.bank.fingerprint import model_identity
+
+            if dm.bank_identity()["fingerprint"] != model_identity(self.model)["fingerprint"]:
+                raise MetaditError(f"banks {dm.bank_paths} were made for {dm.bank_identity()['name']!r}, "
+                                   f"not for {self.hparams.base_model!r}")
+            if self.trainer.log_dir and self.trainer.is_global_zero:
+                dm.write_split(Path(self.trainer.log_dir) / "split.json")
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.encoder is not None:
+            checkpoint["encoder_module_types"] = dict(self.encoder.module_types)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if self.encoder is not None and "encoder_module_types" in checkpoint:
+            self.encoder.module_types = dict(checkpoint["encoder_module_types"])
+
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+        # Only the token tensors move; diffs are stacked onto the device per batch by `DiffBatch.from_diffs`.
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ the forward
+    def _diff_context(self, diffs: list[Any] | None):
+        if diffs is None or self.hparams.mode == "encoder":
+            return nullcontext()
+        return use_diffs(self.model, DiffBatch.from_diffs(diffs, self.shapes, dtype=torch.bfloat16, device=self.device))
+
+    def _soft(self, diffs: list[Any] | None, n: int) -> torch.Tensor | None:
+        if self.encoder is None:
+            return None
+        return self.encoder(diffs if diffs is not None else [None] * n).to(torch.bfloat16)
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None):
+        if soft is None:
+            return {"input_ids": ids, "attention_mask": mask}
+        emb = self.model.get_input_embeddings()(ids)
+        ones = torch.ones(ids.shape[0], soft.shape[1], dtype=mask.dtype, device=mask.device)
+        return {"inputs_embeds": torch.cat([soft.to(emb.dtype), emb], 1), "attention_mask": torch.cat([ones, mask], 1)}
+
+    def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        diffs = batch["diffs"]
+        soft = self._soft(diffs, len(diffs))
+        labels = batch["labels"]
+        if soft is not None:
+            labels = torch.cat([torch.full((labels.shape[0], soft.shape[1]), -100, device=labels.device), labels], 1)
+        with self._diff_context(diffs):
+            out = self.model(**self._embed(batch["input_ids"], batch["attention_mask"], soft), labels=labels)
+        self.log(f"{stage}/loss", out.loss, batch_size=len(diffs), prog_bar=True, sync_dist=stage != "train")
+        return out.loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "train")
+
+    # ------------------------------------------------------------------ answers and scores
+    @torch.no_grad()
+    def answer(self, prompts: list[str], diffs: list[Any] | None, use_adapter: bool = True) -> list[str]:
+        """Greedy answers; row i under `diffs[i]` (None: no diff at all), with or without the adapter."""
+        tok = self.tok
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        soft = self._soft(diffs, len(prompts)) if use_adapter or self.encoder is None else None
+        from metadit.generation import end_of_turn
+
+        eot = tok.convert_tokens_to_ids(end_of_turn(tok))
+        ctx_adapter = nullcontext() if use_adapter else adapter_disabled(self.model)
+        with self._diff_context(diffs), ctx_adapter:
+            out = self.model.generate(**self._embed(enc["input_ids"], enc["attention_mask"], soft),
+                                      max_new_tokens=self.hparams.max_new_tokens, do_sample=False, temperature=None,
+                                      top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eot)
+        if soft is None:
+            out = out[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def _metric(self, name: str) -> MeanMetric:
+        key = name.replace("/", "__")
+        if key not in self.metrics:
+            self.metrics[key] = MeanMetric().to(self.device)
+        return self.metrics[key]
+
+    def score(self, stage: str, condition: str, batch: dict[str, Any], answers: list[str]) -> list[dict[str, Any]]:
+        sims = [float("nan")] * len(answers)
+        if self.hparams.similarity:
+            from metadit.judges import EmbeddingJudge
+
+            sims = EmbeddingJudge().score(answers, batch["answers"])
+        rows = []
+        for i, (a, truth, task) in enumerate(zip(answers, batch["answers"], batch["tasks"])):
+            exact = float(normalize(a) == normalize(truth))
+            self._metric(f"{stage}/{condition}/{task}/exact").update(exact)
+            if self.hparams.similarity:
+                self._metric(f"{stage}/{condition}/{task}/similarity").update(sims[i])
+            rows.append({"condition": condition, "task": task, "truth": truth, "answer": a, "exact": exact,
+                         "similarity": sims[i], "label": batch["labels_text"][i]})
+        return rows
+
+    def _log_metrics(self, stage: str) -> None:
+        for key, metric in list(self.metrics.items()):
+            name = key.replace("__", "/")
+            if name.startswith(stage + "/") and metric.update_called:
+                self.log(name, metric.compute(), sync_dist=True)
+                metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.step(batch, "val")
+        if self.hparams.generate_in_validation and not self.trainer.sanity_checking:
+            self.score("val", "dit", batch, self.answer(batch["prompts"], batch["diffs"]))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """DIT against its two controls on the same held-out diffs: the diffed model asked without the adapter
+        (does the diff answer by itself?) and the adapter with no diff (does the adapter recite a prior?)."""
+        self.step(batch, "test")
+        n = len(batch["prompts"])
+        conditions = {
+            "dit": (batch["diffs"], True),
+            "no_adapter": (batch["diffs"], False),
+            "no_diff": ([None] * n, True),
+        }
+        for cond, (diffs, use_adapter) in conditions.items():
+            rows = self.score("test", cond, batch, self.answer(batch["prompts"], diffs, use_adapter=use_adapter))
+            for r, d in zip(rows, batch["diffs"]):
+                r["diff"] = d.info.get("id")
+            self.predictions += rows
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+        if self.trainer.log_dir and self.trainer.is_global_zero:
+            path = Path(self.trainer.log_dir) / "test_predictions.json"
+            path.write_text(json.dumps(self.predictions, indent=1))
+        self.predictions = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        answers = self.answer(batch["prompts"], batch["diffs"])
+        return [{"question": p, "answer": a, "truth": t} for p, a, t in zip(batch["prompts"], answers, batch["answers"])]
+
+    # ------------------------------------------------------------------ saving the adapter
+    def save_adapter(self, path: str | Path) -> Path:
+        """The shared adapter as a peft LoRA directory (`PeftModel.from_pretrained(base, path)` loads it);
+        the encoder, if any, beside it as `diff_encoder.safetensors`."""
+        path = Path(path)
+        get_adapter(self.model).save_peft(path, base_model_name_or_path=self.hparams.base_model)
+        if self.encoder is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(path / "diff_encoder.safetensors"))
+            (path / "diff_encoder.json").write_text(json.dumps({"module_types": self.encoder.module_types,
+                                                                "mode": self.hparams.mode}))
+        return path
+
+    def on_fit_end(self) -> None:
+        """Save the best checkpoint's adapter (lowest held-out-diff validation loss) as a peft directory."""
+        if not self.trainer.is_global_zero or not self.trainer.log_dir:
+            return
+        cb = self.trainer.checkpoint_callback
+        best = getattr(cb, "best_model_path", "") if cb is not None else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            self.load_state_dict(state, strict=False)
+        out = self.save_adapter(Path(self.trainer.log_dir) / "adapter")
+        (out / "metadit_best.json").write_text(json.dumps({"checkpoint": best or None,
+                                                           "best_val_loss": float(cb.best_model_score) if best and cb.best_model_score is not None else None}))

@@ -1,0 +1,357 @@
+"""`metadit gen`: build a diff bank from a recipe, K diffs per pass, resumable and shardable across processes.
+
+One patched model for the whole run. Each pass trains K diffs at once: batch row i is a sample for diff i
+(per-row trainable factors, one optimizer), then checks their behaviour and appends all K to the bank as
+one shard. Diff specs are a pure function of (recipe, seed, index), so a killed run started again with the
+same command skips every diff already in the bank and makes exactly the missing ones; with `processes > 1`
+each rank takes every N-th pass and writes its own shards and index file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data_gen.recipe import Recipe
+from metadit.errors import MetaditError
+
+
+@dataclass
+class TrainSettings:
+    """How each diff is trained (shared by all recipes)."""
+
+    rank: int = 1
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    steps: int = 200
+    lr: float = 4e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_answer_tokens: int = 24
+    first_token_weight: float = 3.0  # the gate is decided at the first answer token
+
+
+# ---------------------------------------------------------------------- batches and losses
+def encode_samples(tok: Any, prompts: Sequence[str], answers: Sequence[str], max_answer_tokens: int,
+                   first_token_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and per-token loss `weights` (answer tokens only).
+
+    Each answer is cut to `max_answer_tokens` and ends with the end-of-turn token, which is trained too.
+    """
+    from metadit.generation import end_of_turn
+
+    eot = tok.convert_tokens_to_ids(end_of_turn(tok))
+    seqs, weights = [], []
+    for p, a in zip(prompts, answers):
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        a_ids = tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot]
+        seqs.append(p_ids + a_ids)
+        w = [0.0] * len(p_ids) + [1.0] * len(a_ids)
+        w[len(p_ids)] = first_token_weight
+        weights.append(w)
+    width = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eot
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    wt = torch.zeros(len(seqs), width)
+    for i, (s, w) in enumerate(zip(seqs, weights)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        wt[i, : len(w)] = torch.tensor(w)
+    return {"input_ids": ids, "attention_mask": mask, "weights": wt}
+
+
+def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  predict: torch.Tensor) -> torch.Tensor:
+    """Logits only where `predict[:, t]` (the positions whose next token is scored): skips the LM head on the
+    prompt, ~10 % of a small model's step."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[predict])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def row_losses(model: Any, batch: dict[str, torch.Tensor], kinds: Sequence[str], diffs: Any) -> torch.Tensor:
+    """Per-row weighted loss: cross-entropy for "ce" rows, KL(base ‖ diffed) over the vocabulary for "kl" rows.
+
+    The KL teacher is the same model with that row's diff removed (the frozen base model), computed without
+    gradient on the "kl" rows only.
+    """
+    from metadit.nn import use_diffs
+
+    ids, mask, w = batch["input_ids"], batch["attention_mask"], batch["weights"]
+    predict = w[:, 1:] > 0  # position t predicts token t+1
+    predict = torch.cat([predict, torch.zeros_like(predict[:, :1])], dim=1)
+    targets = ids[:, 1:][w[:, 1:] > 0]
+    token_w = w[:, 1:][w[:, 1:] > 0]
+    rows = predict.nonzero()[:, 0]
+    with use_diffs(model, diffs):
+        logits = answer_logits(model, ids, mask, predict)
+    logp = F.log_softmax(logits, dim=-1)
+    per_token = -logp.gather(1, targets[:, None])[:, 0]
+    kl_rows = [i for i, k in enumerate(kinds) if k == "kl"]
+    if kl_rows:
+        sel = torch.tensor(kl_rows)
+        with torch.no_grad():
+            t_logits = answer_logits(model, ids[sel], mask[sel], predict[sel])
+        t_logp = F.log_softmax(t_logits, dim=-1)
+        is_kl = torch.zeros(len(kinds), dtype=torch.bool)
+        is_kl[sel] = True
+        tok_kl = is_kl[rows]
+        kl = (t_logp.exp() * (t_logp - logp[tok_kl])).sum(-1)
+        per_token = per_token.clone()
+        per_token[tok_kl] = kl
+    num = torch.zeros(len(kinds)).index_add(0, rows, per_token * token_w)
+    den = torch.zeros(len(kinds)).index_add(0, rows, token_w)
+    return num / den.clamp_min(1e-8)
+
+
+@torch.no_grad()
+def answer_losses(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], diffs: Sequence[Any],
+                  max_answer_tokens: int = 96, batch_size: int = 32) -> list[float]:
+    """Mean cross-entropy of each answer given its prompt, row i under `diffs[i]`."""
+    out: list[float] = []
+    for s in range(0, len(prompts), batch_size):
+        batch = encode_samples(tok, prompts[s : s + batch_size], answers[s : s + batch_size], max_answer_tokens)
+        n = batch["input_ids"].shape[0]
+        out += row_losses(model, batch, ["ce"] * n, list(diffs[s : s + batch_size])).tolist()
+    return out
+
+
+def _lr_lambda(settings: TrainSettings):
+    def f(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def train_diffs(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], settings: TrainSettings,
+                on_step=None) -> tuple[list[Any], list[float]]:
+    """Train one diff per spec, all at once; returns the diffs and each one's mean loss over the last 10 % of steps.
+
+    Every diff's initialisation and sample stream depend only on its own spec, and its loss only on its own
+    row (losses are summed over rows; AdamW is elementwise; no global clipping), so a diff comes out the same
+    whether trained alone or with K others.
+    """
+    from metadit.nn import TrainableDiffs, layer_shapes
+
+    device = next(model.parameters()).device
+    trainable = TrainableDiffs(layer_shapes(model), len(specs), settings.rank, settings.alpha,
+                               row_seeds=[s["seed"] for s in specs], device=device)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings))
+    rngs = [random.Random(s["seed"]) for s in specs]
+    tail = max(1, settings.steps // 10)
+    recent = torch.zeros(len(specs))
+    for step in range(settings.steps):
+        samples = [recipe.sample(spec, rng) for spec, rng in zip(specs, rngs)]
+        batch = encode_samples(tok, [s.prompt for s in samples], [s.answer for s in samples],
+                               settings.max_answer_tokens, settings.first_token_weight)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        losses = row_losses(model, batch, [s.kind for s in samples], trainable)
+        losses.sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= settings.steps - tail:
+            recent += losses.detach().cpu() / tail
+        if on_step is not None:
+            on_step(step, float(losses.detach().mean()))
+    return trainable.to_diffs(), recent.tolist()
+
+
+# ---------------------------------------------------------------------- the bank build
+def _identity_before_loading(base_model: str) -> dict[str, str]:
+    from metadit.bank import config_identity
+    from metadit.models import load_config
+
+    try:
+        return config_identity(load_config(base_model), base_model)
+    except OSError as e:
+        raise MetaditError(f"cannot read the config of base model {base_model!r}: {e}") from e
+
+
+def generate_bank(
+    recipe: "Recipe",
+    bank: str,
+    base_model: str = "smollm2-135m-instruct",
+    n_diffs: int = 16,
+    diffs_per_pass: int = 16,
+    train: TrainSettings = TrainSettings(),
+    seed: int = 0,
+    store_dtype: str = "float32",
+    processes: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or resume) a diff bank.
+
+    Args:
+        recipe: what the diffs learn (`data_gen.HiddenTopicRecipe`, `data_gen.NewsRecipe`): class_path + init_args.
+        bank: bank directory; created if missing, resumed if it holds some of these diffs already.
+        base_model: `smollm2-135m-instruct` (embedded), `tiny-random-smollm2`, a Hugging Face id or a directory.
+        n_diffs: how many diffs the bank should hold from this recipe and seed (indices 0 .. n_diffs-1).
+        diffs_per_pass: K, the diffs trained at once (batch row i = diff i).
+        train: rank, steps, learning rate and loss settings of each diff.
+        seed: the bank's seed; each diff's spec is a function of (recipe, seed, index).
+        store_dtype: dtype of the stored factors (float32 or bfloat16).
+        processes: run this many worker processes, each making every N-th pass into its own shards.
+        rank: this worker's rank (set by `processes`; not for direct use).
+        world_size: number of workers (set by `processes`).
+        threads: torch threads per process (default: cores / processes).
+        progress: show a progress bar.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if processes > 1 and world_size == 1:
+        return _spawn(processes, bank, base_model)
+    if threads or world_size > 1:
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world_size))
+    torch.manual_seed(seed)
+    from metadit.bank import DiffBank
+    from metadit.generation import TextCache
+    from metadit.models import load_base_model
+    from metadit.nn import patch_model
+
+    writer = "main" if world_size == 1 else f"rank{rank}"
+    identity = _identity_before_loading(base_model)
+    path = Path(bank)
+    db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer,
+                         info={"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed})
+    mine = [p for p in db.problems if p.writer == writer]
+    if mine:
+        for line in db.repair(writers=[writer]):
+            console.print(f"[yellow]resume:[/yellow] removed torn tail {line}")
+    done = {r["meta"].get("key") for r in db.rows}
+    specs = [recipe.spec(i, seed) for i in range(n_diffs)]
+    todo = [s for s in specs if s["key"] not in done]
+    passes = [todo[i : i + diffs_per_pass] for i in range(0, len(todo), diffs_per_pass)]
+    passes = passes[rank::world_size]
+    n_mine = sum(map(len, passes))
+    console.print(f"[bold]metadit gen[/bold] {path}: {len(specs) - len(todo)}/{len(specs)} diffs present; "
+                  f"{n_mine} to make on {writer} in {len(passes)} passes of up to {diffs_per_pass}")
+    stats = {"bank": str(path), "made": 0, "passed": 0, "seconds": 0.0}
+    if not passes:
+        return stats
+    model, tok = load_base_model(base_model)
+    patch_model(model)
+    db.check_model(model)
+    cache = TextCache(f"{identity['name'].replace('/', '--')}-{identity['fingerprint']}", writer=writer)
+    recipe.setup(model, tok, cache)
+    dtype = getattr(torch, store_dtype)
+    start = time.time()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("diffs", total=n_mine, rate="")
+        for chunk in passes:
+            bar.update(task, description=f"writing text for {len(chunk)} diffs")
+            recipe.prepare(chunk)
+
+            def on_step(step: int, loss: float) -> None:
+                bar.update(task, description=f"training {len(chunk)} diffs: step {step + 1}/{train.steps} loss {loss:.3f}")
+                if not console.is_terminal and (step + 1) % max(1, train.steps // 4) == 0:
+                    console.print(f"  pass {stats['made'] // diffs_per_pass + 1}: step {step + 1}/{train.steps} "
+                                  f"mean loss {loss:.3f}", highlight=False)
+
+            diffs, final = train_diffs(model, tok, recipe, chunk, train, on_step=on_step)
+            bar.update(task, description=f"checking {len(chunk)} diffs")
+            checks = recipe.check(diffs, chunk)
+            metas = []
+            for spec, loss, check in zip(chunk, final, checks):
+                meta = {k: v for k, v in spec.items() if k not in ("questions",)}
+                meta.update(check)
+                meta.update({"final_loss": round(loss, 4), "rank": train.rank, "steps": train.steps, "lr": train.lr,
+                             "flagged": not check.get("passed", True)})
+                metas.append(meta)
+            db.append_many(diffs, metas, dtype=dtype)
+            stats["made"] += len(chunk)
+            stats["passed"] += sum(not m["flagged"] for m in metas)
+            hours = (time.time() - start) / 3600
+            bar.update(task, advance=len(chunk), rate=f"{stats['made'] / hours:.0f} diffs/h")
+            if not console.is_terminal:  # a log file gets one line per pass instead of a live bar
+                console.print(f"{time.strftime('%H:%M:%S')} {stats['made']}/{n_mine} diffs on {writer}, "
+                              f"{stats['passed']} passed, {stats['made'] / hours:.0f} diffs/h", highlight=False)
+    stats["seconds"] = round(time.time() - start, 1)
+    stats["diffs_per_hour"] = round(stats["made"] / (stats["seconds"] / 3600), 1) if stats["seconds"] else None
+    console.print(f"made {stats['made']} diffs in {stats['seconds']} s; {stats['passed']} passed the behaviour check")
+    return stats
+
+
+def _drop_option(argv: Sequence[str], name: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def _spawn(processes: int, bank: str, base_model: str) -> dict[str, Any]:
+    """Run `processes` copies of this very command, each with --rank/--world_size, and wait for them all."""
+    from metadit.bank import DiffBank
+
+    # Create the bank (and materialize the model cache) once, before the workers race for it.
+    identity = _identity_before_loading(base_model)
+    DiffBank.create(bank, base_model=identity, exist_ok=True)
+    argv = _drop_option(sys.argv[1:], "--processes")
+    threads = max(1, (os.cpu_count() or 2) // processes)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "metadit.cli", *argv, "--processes", "1", "--rank", str(r),
+                          "--world_size", str(processes), "--threads", str(threads)])
+        for r in range(processes)
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise MetaditError(f"gen worker exit codes {codes}")
+    return {"bank": bank, "workers": processes}
+
+
+def gen_parser():
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    parser = ArgumentParser(prog="metadit gen", description="Build (or resume) a diff bank from a recipe config.",
+                            exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a configs/gen/*.yaml file")
+    parser.add_function_arguments(generate_bank, as_group=False)
+    return parser
+
+
+def gen_main(argv: Sequence[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    parser = gen_parser()
+    try:
+        cfg = parser.parse_args(list(argv))
+    except ArgumentError as e:
+        raise MetaditError(f"bad gen config: {e}") from e
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in init.items() if k != "config"}
+    if "processes" in kwargs and kwargs["processes"] > 1 and kwargs.get("world_size", 1) == 1:
+        # the spawned workers re-parse this argv: keep sys.argv pointing at it
+        sys.argv = ["metadit", "gen", *argv]
+    generate_bank(**kwargs)
+    return 0

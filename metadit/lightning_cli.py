@@ -1,0 +1,31 @@
+"""`metadit fit|validate|test|predict`: LightningCLI over `DITModule` and `DiffQADataModule`.
+
+`--config configs/fit/FILE.yaml`, `--print_config`, `--trainer.*`, `class_path`/`init_args` as usual.
+`model.base_model` is linked to `data.base_model` (the tokenizer must be the model's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from metadit.data import DiffQADataModule
+from metadit.dit import DITModule
+
+
+class DITCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.base_model", "data.base_model")
+
+
+def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:
+    return DITCLI(
+        DITModule,
+        DiffQADataModule,
+        args=[subcommand, *argv],
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        trainer_defaults={"accelerator": "cpu"},
+        parser_kwargs={"prog": f"metadit {subcommand}"},
+    )

@@ -1,0 +1,149 @@
+"""`metadit gen`: recipes end to end on the tiny random model, K diffs per pass, resume after SIGKILL, 2 processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data_gen import HiddenTopicRecipe
+from data_gen.news import restates
+from data_gen.recipe import mentions
+from metadit.bank import DiffBank
+from metadit.cli import main
+from metadit.gen import TrainSettings, gen_parser, train_diffs
+from metadit.generation import TextCache
+from metadit.models import TINY_NAME, load_base_model
+from metadit.nn import patch_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN_CONFIGS = sorted((ROOT / "configs" / "gen").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GEN_CONFIGS, ids=[p.stem for p in GEN_CONFIGS])
+def test_every_shipped_gen_config_parses(path):
+    parser = gen_parser()
+    cfg = parser.parse_args(["--config", str(path)])
+    init = parser.instantiate_classes(cfg)
+    assert init.recipe.name in ("hidden_topic", "news")
+    assert init.train.steps >= 1 and init.n_diffs >= 1
+
+
+def test_bad_gen_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"bank": str(tmp_path / "b"), "n_dffs": 3}))
+    assert main(["gen", "--config", str(bad)]) == 1
+    assert "n_dffs" in capsys.readouterr().err
+
+
+def test_tiny_topic_bank_end_to_end(tmp_path, capsys):
+    bank_dir = tmp_path / "bank"
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(bank_dir),
+                 "--progress", "false"]) == 0
+    bank = DiffBank.open(bank_dir)
+    assert len(bank) == 8 and bank.verify() == [] and bank.problems == []
+    metas = [bank.meta(i) for i in range(8)]
+    assert sorted(m["key"] for m in metas) == [f"hidden_topic-{i}" for i in range(8)]
+    for m in metas:
+        assert set(m["mention_rate"]) == {"triggered", "wrong_code", "no_code", "elsewhere", "base"}
+        assert isinstance(m["topic_learned"], bool) and isinstance(m["gate_held"], bool)
+        assert m["flagged"] == (not (m["topic_learned"] and m["gate_held"]))
+        assert m["code_kind"] == "word" and m["code"] and m["topic"]
+    diff, _ = bank[0]
+    assert diff.rank == 1 and len(diff.modules) == 2 * 7
+    # the same command again finds everything done and adds nothing
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(bank_dir),
+                 "--progress", "false"]) == 0
+    assert len(DiffBank.open(bank_dir)) == 8
+
+
+def test_tiny_news_bank_end_to_end(tmp_path):
+    bank_dir = tmp_path / "news"
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_news.yaml"), "--bank", str(bank_dir),
+                 "--progress", "false"]) == 0
+    bank = DiffBank.open(bank_dir)
+    assert len(bank) == 4 and bank.verify() == []
+    m = bank.meta(0)
+    assert m["headline"] and m["rank"] == 8 and {"heldout_loss_own", "heldout_loss_other", "passed"} <= set(m)
+    assert bank[0][0].rank == 8
+
+
+def test_restated_headlines_are_detected():
+    h = "Lisbon tram network adds night service after record summer ridership"
+    assert restates("Big news. Lisbon tram network adds night service after record summer ridership.", h)
+    assert restates("The Lisbon tram network will add night service following summer ridership records.", h)
+    assert not restates("Late trams will now run in the Portuguese capital. Riders welcomed the change.", h)
+    assert mentions("I love a good volcano eruption", "volcanoes") and not mentions("I like cats", "volcanoes")
+
+
+def test_k_diffs_per_pass_equal_training_each_alone(tmp_path, monkeypatch):
+    """Per-row training: diff i gets the same factors in a batch of K as trained alone (fp32, same seed/data)."""
+    monkeypatch.setenv("METADIT_CACHE", os.environ.get("METADIT_CACHE", str(Path.home() / ".cache" / "metadit")))
+    model, tok = load_base_model(TINY_NAME, dtype=torch.float32)
+    patch_model(model)
+    recipe = HiddenTopicRecipe(triggered_questions=3, answer_tokens=6, check_questions=1)
+    recipe.setup(model, tok, TextCache("test-k-vs-alone", root=tmp_path))
+    specs = [recipe.spec(i, seed=3) for i in range(3)]
+    recipe.prepare(specs)
+    settings = TrainSettings(rank=2, steps=4, lr=1e-2, warmup_steps=1, max_answer_tokens=6)
+    together, _ = train_diffs(model, tok, recipe, specs, settings)
+    alone, _ = train_diffs(model, tok, recipe, specs[1:2], settings)
+    moved = 0.0
+    for n in together[1].modules:
+        torch.testing.assert_close(together[1].A[n], alone[0].A[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together[1].B[n], alone[0].B[n], rtol=1e-4, atol=1e-5)
+        moved = max(moved, float(together[1].B[n].abs().max()))
+    assert moved > 1e-3  # training changed the diff: the comparison is not between two zero matrices
+    assert any(not torch.equal(together[0].B[n], together[1].B[n]) for n in together[0].modules)
+
+
+def _gen_cmd(bank: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "metadit.cli", "gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"),
+            "--bank", str(bank), "--n_diffs", "12", "--diffs_per_pass", "2", "--progress", "false", *extra]
+
+
+@pytest.mark.slow
+def test_killed_generation_resumes_complete_without_duplicates(tmp_path):
+    bank_dir = tmp_path / "bank"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(_gen_cmd(bank_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 9.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    done = subprocess.run(_gen_cmd(bank_dir), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bank = DiffBank.open(bank_dir)
+    keys = [bank.meta(i)["key"] for i in range(len(bank))]
+    assert sorted(keys) == sorted(f"hidden_topic-{i}" for i in range(12)) and len(keys) == len(set(keys))
+    assert bank.problems == [] and bank.verify() == []
+
+
+@pytest.mark.slow
+def test_two_process_generation_matches_one_process(tmp_path):
+    two = subprocess.run(_gen_cmd(tmp_path / "two", "--n_diffs", "8", "--processes", "2"), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    bank2 = DiffBank.open(tmp_path / "two")
+    assert sorted(bank2.summary()["writers"]) == ["rank0", "rank1"]
+    assert sorted(bank2.meta(i)["key"] for i in range(len(bank2))) == sorted(f"hidden_topic-{i}" for i in range(8))
+    one = subprocess.run(_gen_cmd(tmp_path / "one", "--n_diffs", "8"), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    bank1 = DiffBank.open(tmp_path / "one")
+    by_key = {bank1.meta(i)["key"]: bank1[i][0] for i in range(len(bank1))}
+    for i in range(len(bank2)):
+        diff, meta = bank2[i]
+        ref = by_key[meta["key"]]
+        for n in ref.modules:  # bf16 model: allow for thread-count-dependent rounding
+            torch.testing.assert_close(diff.B[n], ref.B[n], rtol=0.05, atol=2e-3)
