@@ -89,25 +89,30 @@ def test_k_diffs_per_pass_equal_training_each_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("METADIT_CACHE", os.environ.get("METADIT_CACHE", str(Path.home() / ".cache" / "metadit")))
     model, tok = load_base_model(TINY_NAME, dtype=torch.float32)
     patch_model(model)
-    recipe = HiddenTopicRecipe(triggered_questions=3, answer_tokens=6, check_questions=1)
+    # Cross-entropy samples only: a KL row at initialisation sits exactly at its optimum, so its gradient is
+    # rounding noise that depends on the batch's shapes, and Adam normalises noise into full-size steps.
+    recipe = HiddenTopicRecipe(triggered_questions=3, answer_tokens=6, check_questions=1, mix={"triggered": 1})
     recipe.setup(model, tok, TextCache("test-k-vs-alone", root=tmp_path))
     specs = [recipe.spec(i, seed=3) for i in range(3)]
     recipe.prepare(specs)
     settings = TrainSettings(rank=2, steps=4, lr=1e-2, warmup_steps=1, max_answer_tokens=6)
     together, _ = train_diffs(model, tok, recipe, specs, settings)
     alone, _ = train_diffs(model, tok, recipe, specs[1:2], settings)
-    moved = 0.0
     for n in together[1].modules:
-        torch.testing.assert_close(together[1].A[n], alone[0].A[n], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(together[1].B[n], alone[0].B[n], rtol=1e-4, atol=1e-5)
-        moved = max(moved, float(together[1].B[n].abs().max()))
-    assert moved > 1e-3  # training changed the diff: the comparison is not between two zero matrices
+        # Compare ΔW (what the diff does) by relative Frobenius error: Adam turns the rounding noise of a
+        # near-zero gradient into a full step, so single factor entries may differ slightly.
+        got, want = together[1].delta(n), alone[0].delta(n)
+        assert want.norm() > 1e-4  # training moved the diff: not a comparison of two zero matrices
+        assert (got - want).norm() / want.norm() < 1e-2, n
+        other = together[0].delta(n)  # a different diff is far away on the same scale
+        assert (other - want).norm() / want.norm() > 0.3, n
     assert any(not torch.equal(together[0].B[n], together[1].B[n]) for n in together[0].modules)
 
 
 def _gen_cmd(bank: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "metadit.cli", "gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"),
-            "--bank", str(bank), "--n_diffs", "12", "--diffs_per_pass", "2", "--progress", "false", *extra]
+            "--bank", str(bank), "--n_diffs", "24", "--diffs_per_pass", "2", "--train.steps", "10",
+            "--progress", "false", *extra]
 
 
 @pytest.mark.slow
@@ -117,7 +122,7 @@ def test_killed_generation_resumes_complete_without_duplicates(tmp_path):
     kills = 0
     for _ in range(4):
         proc = subprocess.Popen(_gen_cmd(bank_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 9.0))
+        time.sleep(rng.uniform(4.0, 7.0))  # start-up takes ~4 s, the whole build ~10 s
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -127,7 +132,7 @@ def test_killed_generation_resumes_complete_without_duplicates(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     bank = DiffBank.open(bank_dir)
     keys = [bank.meta(i)["key"] for i in range(len(bank))]
-    assert sorted(keys) == sorted(f"hidden_topic-{i}" for i in range(12)) and len(keys) == len(set(keys))
+    assert sorted(keys) == sorted(f"hidden_topic-{i}" for i in range(24)) and len(keys) == len(set(keys))
     assert bank.problems == [] and bank.verify() == []
 
 
