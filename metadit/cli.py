@@ -64,39 +64,40 @@ def _bank_args(p: argparse.ArgumentParser) -> None:
 @command("bank", "inspect, verify, repair, import into and export from a diff bank")(_bank_args)
 def _bank(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from metadit.bank import DiffBank, LoraDiff
 
     console = Console()
-    bank = DiffBank.open(args.bank)
+    bank = DiffBank.open(args.bank)  # bank text is data: escaped below, never read as rich markup
     if args.bank_command == "info":
         s = bank.summary()
         if args.json:
             print(json.dumps(s, indent=2))
             return 0
-        table = Table(title=f"diff bank {s['path']}", show_header=False)
+        table = Table(title=f"diff bank {escape(s['path'])}", show_header=False)
         for k in ("base_model", "created", "diffs", "ranks", "behaviour_check", "writers", "shards", "bytes"):
             v = s[k]
-            table.add_row(k, f"{v['name']} (fingerprint {v['fingerprint']})" if k == "base_model" else str(v))
+            table.add_row(k, escape(f"{v['name']} (fingerprint {v['fingerprint']})" if k == "base_model" else str(v)))
         for k, v in s["info"].items():
-            table.add_row(f"info.{k}", str(v))
-        table.add_row("problems", "\n".join(s["problems"]) or "none")
+            table.add_row(escape(f"info.{k}"), escape(str(v)))
+        table.add_row("problems", escape("\n".join(s["problems"])) or "none")
         console.print(table)
         return 0
     if args.bank_command == "verify":
         bad = bank.verify()
         for line in bad:
-            console.print(f"[red]corrupt[/red] {line}")
+            console.print(f"[red]corrupt[/red] {escape(line)}")
         for p in bank.problems:
-            console.print(f"[yellow]torn tail[/yellow] {p}")
+            console.print(f"[yellow]torn tail[/yellow] {escape(str(p))}")
         console.print(f"{len(bank) - len(bad)}/{len(bank)} entries verified"
                       f"{'' if not bank.problems else f', {len(bank.problems)} torn-tail problems (metadit bank repair)'}")
         return 1 if bad or bank.problems else 0
     if args.bank_command == "repair":
         removed = bank.repair()
         for line in removed:
-            console.print(f"removed: {line}")
+            console.print(f"removed: {escape(line)}")
         console.print(f"{len(removed)} item(s) removed; {len(bank)} complete entries kept")
         return 0
     if args.bank_command == "import-peft":
@@ -105,15 +106,18 @@ def _bank(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as e:
             raise MetaditError(f"--meta: not valid JSON ({e})") from e
         diff = LoraDiff.from_peft(args.adapter)
-        check_diff_fits_bank(diff, bank)
+        try:
+            check_diff_fits_bank(diff, bank)
+        except MetaditError as e:
+            raise MetaditError(f"{args.adapter}: {e}") from e
         entry = bank.append(diff, {"source": str(args.adapter), **meta})
-        console.print(f"appended {args.adapter} as entry {len(bank) - 1} ({entry})")
+        console.print(escape(f"appended {args.adapter} as entry {len(bank) - 1} ({entry})"))
         return 0
     if args.bank_command == "export-peft":
         diff, meta = bank[args.index]
         diff.save_peft(args.out, base_model_name_or_path=bank.base_model["name"])
         (args.out / "metadit_meta.json").write_text(json.dumps(meta, indent=2))
-        console.print(f"wrote entry {args.index} to {args.out}")
+        console.print(escape(f"wrote entry {args.index} to {args.out}"))
         return 0
     raise AssertionError(args.bank_command)
 
@@ -200,7 +204,58 @@ COMMANDS["gen"] = Command("build (or resume) a diff bank from a recipe config: m
 not_built("eval", "baselines and judges on held-out diffs", 5)
 not_built("sweep", "run a grid of configs (a study)", 5)
 not_built("report", "tables and plots into reports/", 5)
-not_built("ask", "ask a question about a peft adapter or a bank entry", 4)
+def _ask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question", help='e.g. "What topic have you been trained on?"')
+    p.add_argument("--adapter", type=Path, help="a DIT adapter directory (peft); omit to ask the diffed model alone")
+    p.add_argument("--diff", required=True, help="a peft LoRA adapter directory, or BANK_DIR:INDEX")
+    p.add_argument("--base_model", default=None, help="default: the bank's / adapter's base model")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+
+
+@command("ask", "ask a question about any peft adapter or bank entry, with or without a DIT adapter")(_ask_args)
+def _ask(args: argparse.Namespace) -> int:
+    import torch
+
+    from metadit.bank import DiffBank, LoraDiff
+    from metadit.generation import chat_prompt, generate_texts
+    from metadit.models import load_base_model
+    from metadit.nn import patch_model, set_adapter
+
+    bank = None
+    if ":" in args.diff and not Path(args.diff).exists():
+        bank_dir, _, index = args.diff.rpartition(":")
+        try:
+            i = int(index)
+        except ValueError as e:
+            raise MetaditError(f"--diff {args.diff}: expected BANK_DIR:INDEX with an integer index") from e
+        bank = DiffBank.open(bank_dir)
+        diff, meta = bank[i]
+        base = args.base_model or bank.base_model["name"]
+    else:
+        diff = LoraDiff.from_peft(args.diff)
+        meta = {}
+        base = args.base_model or diff.info.get("base_model")
+    adapter = None
+    if args.adapter is not None:
+        if (args.adapter / "diff_encoder.safetensors").exists():
+            raise MetaditError(f"{args.adapter}: encoder-mode adapters are answered through `metadit predict`")
+        adapter = LoraDiff.from_peft(args.adapter)
+        base = base or adapter.info.get("base_model")
+    if not base:
+        raise MetaditError("no base model recorded in the diff or adapter: pass --base_model")
+    model, tok = load_base_model(base, dtype=torch.bfloat16)
+    patch_model(model)
+    if bank is not None:
+        bank.check_model(model)
+    if adapter is not None:
+        set_adapter(model, adapter)
+    prompt = chat_prompt(tok, [{"role": "user", "content": args.question}])
+    answer = generate_texts(model, tok, [prompt], args.max_new_tokens, diffs=[diff])[0]
+    print(answer)
+    if meta:
+        truth = {k: meta[k] for k in ("topic", "headline", "code") if k in meta}
+        print(f"(bank metadata: {json.dumps(truth)})", file=sys.stderr)
+    return 0
 ORDER = ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "ask", "bank", "bench"]
 
 

@@ -119,7 +119,8 @@ class DITModule(L.LightningModule):
     def _diff_context(self, diffs: list[Any] | None):
         if diffs is None or self.hparams.mode == "encoder":
             return nullcontext()
-        return use_diffs(self.model, DiffBatch.from_diffs(diffs, self.shapes, dtype=torch.bfloat16, device=self.device))
+        dtype = next(self.model.parameters()).dtype
+        return use_diffs(self.model, DiffBatch.from_diffs(diffs, self.shapes, dtype=dtype, device=self.device))
 
     def _soft(self, diffs: list[Any] | None, n: int) -> torch.Tensor | None:
         if self.encoder is None:

@@ -821,8 +821,6 @@ def test_special_files_in_a_bank_do_not_hang_it(tmp_path, capsys):
         assert rc == 1 and "cannot repair safely" in one_error_line(err)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py prints bank text through rich markup: '[/x]' in a bank's info "
-                                       "crashes `bank info` with MarkupError (cli.py belongs to the gen work)")
 def test_bank_text_is_printed_literally_not_as_rich_markup(tmp_path, capsys):
     DiffBank.create(tmp_path / "bank", base_model=IDENTITY, info={"note": "[/red] not markup"})
     rc, out, _ = run_cli(capsys, "bank", "info", tmp_path / "bank")

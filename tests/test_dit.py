@@ -1,0 +1,131 @@
+"""DIT training through the CLI on the tiny random model: every mode and task, configs, saved adapters, encoder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from metadit.bank import DiffBank, LoraDiff
+from metadit.cli import main
+from metadit.lightning_cli import DITCLI, lightning_main
+from metadit.data import DiffQADataModule
+from metadit.dit import DITModule
+from metadit.models import TINY_NAME, load_base_model
+from metadit.nn import DiffEncoder
+from tests.conftest import random_diff, target_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT = ROOT / "configs" / "fit" / "tiny_topic.yaml"
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("banks")
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(d / "topic"),
+                 "--progress", "false"]) == 0
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_news.yaml"), "--bank", str(d / "news"),
+                 "--n_diffs", "6", "--progress", "false"]) == 0
+    return d
+
+
+def _fit(banks_list, tmp_path, *extra):
+    return lightning_main("fit", ["--config", str(FIT), "--data.banks", str(banks_list).replace("'", '"'),
+                                  "--trainer.default_root_dir", str(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("mode", ["dit", "encoder", "dit+encoder"])
+@pytest.mark.parametrize("task", ["topic", "trigger", "headline"])
+def test_fit_fast_dev_run_every_mode_and_task(banks, tmp_path, mode, task):
+    bank = banks / ("news" if task == "headline" else "topic")
+    val = "1" if task == "headline" else "2"
+    cli = _fit([str(bank)], tmp_path, "--trainer.fast_dev_run", "1", "--model.mode", mode,
+               "--data.tasks", f"[{task}]", "--data.val_labels", val, "--data.test_labels", "0")
+    module = cli.model
+    assert cli.trainer.state.finished
+    assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["train/loss"].item()))
+    # one optimizer step moved the trainable parts (the adapter's B starts at zero)
+    adapter_moved = any(l.adapter_B.abs().max() > 0 for l in module.model.modules() if hasattr(l, "adapter_B")
+                        and l.adapter_B is not None)
+    assert adapter_moved
+    if "encoder" in mode:  # the encoder trained too: its output projection left its zero-mean init
+        assert module.encoder is not None and module.encoder.out.bias.abs().max() > 0
+    else:
+        assert module.encoder is None
+
+
+def test_every_shipped_fit_config_parses():
+    class ParseOnly(DITCLI):
+        def instantiate_classes(self) -> None:  # parse and type-check only: the smol banks need not exist here
+            pass
+
+    configs = sorted((ROOT / "configs" / "fit").glob("*.yaml"))
+    assert {"tiny_topic", "smol_topic", "smol_news", "smol_multitask"} <= {c.stem for c in configs}
+    for c in configs:
+        cli = ParseOnly(DITModule, DiffQADataModule, args=["--config", str(c)], run=False)
+        assert cli.config["data"]["banks"] and cli.config["model"]["base_model"] == cli.config["data"]["base_model"]
+
+
+def test_missing_bank_is_reported_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import metadit.models as models
+
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("model loaded before the bank check"))
+    with pytest.raises(Exception) as e:
+        _fit([str(tmp_path / "nope")], tmp_path, "--trainer.fast_dev_run", "1")
+    assert "no diff bank here" in str(e.value) or "no diff bank here" in capsys.readouterr().err
+
+
+def test_saved_adapter_with_peft_matches_the_module(banks, tmp_path):
+    cli = _fit([str(banks / "topic")], tmp_path, "--trainer.max_epochs", "2", "--model.lr", "0.02")
+    adapter_dir = Path(cli.trainer.log_dir) / "adapter"
+    assert (adapter_dir / "adapter_config.json").is_file() and (Path(cli.trainer.log_dir) / "split.json").is_file()
+    module = cli.model
+    module.model.float()
+    # the module holds the base weights as loaded in bf16: the reference starts from the same weights
+    base, tok = load_base_model(TINY_NAME, dtype=torch.bfloat16)
+    base.float()
+    diff, _ = DiffBank.open(banks / "topic")[0]
+    # reference: the diff merged into the weights, then the saved adapter loaded by peft on top
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for n in diff.modules:
+            merged.get_submodule(n).weight += diff.delta(n)
+    peft_model = PeftModel.from_pretrained(merged, adapter_dir).eval()
+    assert any(LoraDiff.from_peft(adapter_dir).B[n].abs().max() > 0 for n in diff.modules)
+    prompt = module.tok.apply_chat_template([{"role": "user", "content": "What topic have you been trained on?"}],
+                                            add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), module._diff_context([diff]):
+        got = module.model(ids).logits
+    with torch.no_grad():
+        want = peft_model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and greedy answers with no diff: the module's `answer` equals peft's generate token for token
+    plain = PeftModel.from_pretrained(load_base_model(TINY_NAME, dtype=torch.bfloat16)[0].float(), adapter_dir).eval()
+    out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    assert module.answer([prompt], [None]) == [tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()]
+
+
+def test_diff_encoder_is_invariant_to_factor_symmetry():
+    torch.manual_seed(0)
+    shapes = {f"model.layers.{i}.self_attn.{m}": (32, 24 if m == "k_proj" else 32) for i in range(2) for m in ("q_proj", "k_proj")}
+    diff = random_diff(shapes, 3, 1, scale=0.7)
+    enc = DiffEncoder(width=32, proj_dim=8, max_rank=4, soft_tokens=2)
+    enc.configure(hidden_size=16)
+    enc.eval()
+    G = torch.randn(3, 3) + 3 * torch.eye(3)
+    moved = LoraDiff({n: torch.linalg.solve(G, diff.A[n]) for n in diff.modules},
+                     {n: diff.B[n] @ G for n in diff.modules}, dict(diff.scale))
+    for n in diff.modules:  # same ΔW, different factors
+        torch.testing.assert_close(moved.delta(n), diff.delta(n), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(moved.A[n], diff.A[n])
+    with torch.no_grad():
+        a, b = enc([diff]), enc([moved])
+        other = enc([random_diff(shapes, 3, 2)])
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (a - other).abs().max() > 1e-3
+    assert a.shape == (1, 2, 16)
