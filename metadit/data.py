@@ -57,6 +57,7 @@ class DiffQADataModule(L.LightningDataModule):
         max_answer_tokens: int = 32,
         seed: int = 0,
         split_file: str | None = None,
+        shuffle: bool = True,
     ) -> None:
         """
         Args:
@@ -72,6 +73,7 @@ class DiffQADataModule(L.LightningDataModule):
             max_answer_tokens: answers are cut to this many tokens.
             seed: the split and the question choice.
             split_file: write the split here (default: next to the run, set by DITModule/CLI).
+            shuffle: shuffle training examples each epoch (off: a fixed order, e.g. to compare runs).
         """
         super().__init__()
         if not banks:
@@ -89,6 +91,7 @@ class DiffQADataModule(L.LightningDataModule):
         self.max_answer_tokens = max_answer_tokens
         self.seed = seed
         self.split_file = split_file
+        self.shuffle = shuffle
         self._banks: list[Any] | None = None
         self.tok = None
         self.splits: dict[str, list[Example]] = {}
@@ -227,12 +230,22 @@ class DiffQADataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits.get(split):
             raise MetaditError(f"the {split} split is empty (set {split}_labels)")
+        data = _Examples(self.splits[split])
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            # Our own sampler: rank r takes every world_size-th example, so with shuffle off the global batch
+            # equals a single process's batch of world_size x batch_size (and with it on, the seed decides).
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                         shuffle=shuffle, seed=self.seed)
+            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=0)
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(_Examples(self.splits[split]), batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=self.collate, generator=g, num_workers=0)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g,
+                          num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -39,6 +39,7 @@ class DITModule(L.LightningModule):
         generate_in_validation: bool = True,
         similarity: bool = True,
         seed: int = 0,
+        dtype: str = "bfloat16",
     ) -> None:
         """
         Args:
@@ -53,6 +54,7 @@ class DITModule(L.LightningModule):
             generate_in_validation: generate and score answers for held-out diffs at each validation.
             similarity: also score answers by embedding similarity (the offline MiniLM judge).
             seed: the adapter's initialisation.
+            dtype: the base model's dtype (bfloat16 on CPU; float32 for exact comparisons).
         """
         super().__init__()
         if mode not in ("dit", "encoder", "dit+encoder"):
@@ -73,7 +75,7 @@ class DITModule(L.LightningModule):
             return
         from metadit.models import load_base_model
 
-        model, tok = load_base_model(self.hparams.base_model, dtype=torch.bfloat16)
+        model, tok = load_base_model(self.hparams.base_model, dtype=getattr(torch, self.hparams.dtype))
         patch_model(model)
         add_adapter(model, self.hparams.adapter_rank, self.hparams.adapter_alpha, seed=self.hparams.seed)
         self.model, self.tok = model, tok
@@ -90,8 +92,22 @@ class DITModule(L.LightningModule):
             if dm.bank_identity()["fingerprint"] != model_identity(self.model)["fingerprint"]:
                 raise MetaditError(f"banks {dm.bank_paths} were made for {dm.bank_identity()['name']!r}, "
                                    f"not for {self.hparams.base_model!r}")
-            if self.trainer.log_dir and self.trainer.is_global_zero:
-                dm.write_split(Path(self.trainer.log_dir) / "split.json")
+            run_dir = self.run_dir()
+            if run_dir is not None:
+                dm.write_split(run_dir / "split.json")
+
+    def run_dir(self) -> Path | None:
+        """The run's log directory on the global-zero process, else None.
+
+        Read from the logger directly: `Trainer.log_dir` broadcasts, which deadlocks when only rank 0 asks.
+        """
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return None
+        if trainer.loggers:
+            d = trainer.loggers[0].log_dir
+            return Path(d) if d else None
+        return Path(trainer.default_root_dir) if trainer.default_root_dir else None
 
     def trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
@@ -125,7 +141,7 @@ class DITModule(L.LightningModule):
     def _soft(self, diffs: list[Any] | None, n: int) -> torch.Tensor | None:
         if self.encoder is None:
             return None
-        return self.encoder(diffs if diffs is not None else [None] * n).to(torch.bfloat16)
+        return self.encoder(diffs if diffs is not None else [None] * n).to(getattr(torch, self.hparams.dtype))
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None):
         if soft is None:
@@ -141,9 +157,16 @@ class DITModule(L.LightningModule):
         if soft is not None:
             labels = torch.cat([torch.full((labels.shape[0], soft.shape[1]), -100, device=labels.device), labels], 1)
         with self._diff_context(diffs):
-            out = self.model(**self._embed(batch["input_ids"], batch["attention_mask"], soft), labels=labels)
-        self.log(f"{stage}/loss", out.loss, batch_size=len(diffs), prog_bar=True, sync_dist=stage != "train")
-        return out.loss
+            logits = self.model(**self._embed(batch["input_ids"], batch["attention_mask"], soft)).logits
+        # Mean over each row's answer tokens, then over rows: every diff weighs the same whatever its answer's
+        # length, and the mean of equal-sized per-process batches is the global batch's (DDP = one process).
+        target = labels[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), target.clamp_min(0), reduction="none")
+        valid = (target != -100).float()
+        loss = ((per_token * valid).sum(1) / valid.sum(1).clamp_min(1)).mean()
+        self.log(f"{stage}/loss", loss, batch_size=len(diffs), prog_bar=True, sync_dist=True)
+        return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.step(batch, "train")
@@ -223,9 +246,10 @@ class DITModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
-        if self.trainer.log_dir and self.trainer.is_global_zero:
-            path = Path(self.trainer.log_dir) / "test_predictions.json"
-            path.write_text(json.dumps(self.predictions, indent=1))
+        run_dir = self.run_dir()
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "test_predictions.json").write_text(json.dumps(self.predictions, indent=1))
         self.predictions = []
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -248,13 +272,14 @@ class DITModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Save the best checkpoint's adapter (lowest held-out-diff validation loss) as a peft directory."""
-        if not self.trainer.is_global_zero or not self.trainer.log_dir:
+        run_dir = self.run_dir()
+        if run_dir is None:
             return
         cb = self.trainer.checkpoint_callback
         best = getattr(cb, "best_model_path", "") if cb is not None else ""
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             self.load_state_dict(state, strict=False)
-        out = self.save_adapter(Path(self.trainer.log_dir) / "adapter")
+        out = self.save_adapter(run_dir / "adapter")
         (out / "metadit_best.json").write_text(json.dumps({"checkpoint": best or None,
                                                            "best_val_loss": float(cb.best_model_score) if best and cb.best_model_score is not None else None}))

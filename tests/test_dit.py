@@ -129,3 +129,36 @@ def test_diff_encoder_is_invariant_to_factor_symmetry():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (a - other).abs().max() > 1e-3
     assert a.shape == (1, 2, 16)
+
+
+def _csv_losses(run_dir: Path) -> list[float]:
+    import csv
+
+    rows = list(csv.DictReader(open(next(run_dir.rglob("metrics.csv")))))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(banks, tmp_path):
+    import subprocess
+    import sys
+
+    common = ["--config", str(FIT), "--data.banks", f'["{banks / "topic"}"]', "--data.val_labels", "1",
+              "--data.test_labels", "0", "--data.shuffle", "false", "--data.questions_per_diff", "4",
+              "--model.dtype", "float32", "--model.lr", "0.02", "--trainer.precision", "32",
+              "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+              "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+              "--trainer.enable_progress_bar", "false"]
+    runs = {"one": ["--data.batch_size", "8", "--trainer.devices", "1"],
+            "two": ["--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp"]}
+    losses = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "metadit.cli", "fit", *common, *extra,
+                               "--trainer.default_root_dir", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = _csv_losses(out)
+    assert len(losses["one"]) == 4 and len(losses["two"]) == 4
+    assert losses["one"][0] != losses["one"][-1]  # the loss moved: the curves are not two flat lines
+    for a, b in zip(losses["one"], losses["two"]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (losses["one"], losses["two"])
