@@ -164,8 +164,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (HF id, directory or embedded name)")
     p.add_argument("--rows", type=int, default=16, help="batch rows (= different diffs)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per row")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
-    p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where core.json and README.md go")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after warm-up)")
+    p.add_argument("--ks", default="16,64", help="gen: diffs per pass to measure, comma-separated")
+    p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where <which>.json and README.md go")
 
 
 @command("bench", "performance benchmarks, side by side in one run; writes reports/bench/")(_bench_args)

@@ -234,8 +234,14 @@ def generate_bank(
     writer = "main" if world_size == 1 else f"rank{rank}"
     identity = _identity_before_loading(base_model)
     path = Path(bank)
-    db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer,
-                         info={"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed})
+    settings = recipe_settings(recipe, train, seed)
+    db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer, info=settings)
+    if db.header.get("info", {}).get("recipe_args") not in (None, settings["recipe_args"]) or \
+            db.header.get("info", {}).get("train") not in (None, settings["train"]):
+        raise MetaditError(
+            f"{path}: this bank was built with other recipe or training settings ({db.header['info']}); "
+            "resume it with the same config, or build into a new bank"
+        )
     mine = [p for p in db.problems if p.writer == writer]
     if mine:
         for line in db.repair(writers=[writer]):
@@ -296,6 +302,24 @@ def generate_bank(
     stats["diffs_per_hour"] = round(stats["made"] / (stats["seconds"] / 3600), 1) if stats["seconds"] else None
     console.print(f"made {stats['made']} diffs in {stats['seconds']} s; {stats['passed']} passed the behaviour check")
     return stats
+
+
+def recipe_settings(recipe: Any, train: TrainSettings, seed: int) -> dict[str, Any]:
+    """What a bank records about how its diffs were made (and what a resumed build must match)."""
+    import dataclasses
+    import json
+
+    args = {}
+    for k, v in vars(recipe).items():
+        if k.startswith("_") or k in ("model", "tok", "cache", "answers", "base_answers", "stories", "rejected"):
+            continue
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        args[k] = v
+    return {"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed,
+            "recipe_args": json.loads(json.dumps(args)), "train": dataclasses.asdict(train)}
 
 
 def _drop_option(argv: Sequence[str], name: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Benchmarks: variants measured side by side in one run (interleaved), reported as ratios."""
 
 from metadit.bench.core import bench_core
+from metadit.bench.gen import bench_gen
 
-BENCHMARKS = {"core": bench_core}
+BENCHMARKS = {"core": bench_core, "gen": bench_gen}
 
-__all__ = ["BENCHMARKS", "bench_core"]
+__all__ = ["BENCHMARKS", "bench_core", "bench_gen"]
