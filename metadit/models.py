@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -47,13 +48,23 @@ def embedded_gguf_path(name: str = EMBEDDED_NAME) -> Path:
     return Path(files[0].locate())
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished cache directory into place; if another process got there first, keep theirs."""
+def _save_to_cache(target: Path, model: Any, tokenizer: Any) -> Path:
+    """Save into a temporary directory beside `target`, then rename it into place (a crash leaves no half
+    cache); if another process got there first, keep theirs."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _materialize_embedded(name: str) -> Path:
@@ -70,16 +81,7 @@ def _materialize_embedded(name: str) -> Path:
     config.name_or_path = name
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _publish(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _save_to_cache(target, plain, tokenizer)
 
 
 def _materialize_tiny() -> Path:
@@ -95,17 +97,7 @@ def _materialize_tiny() -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TINY_NAME}-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _publish(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _save_to_cache(target, LlamaForCausalLM(config), tokenizer)
 
 
 def resolve_model_path(name_or_path: str) -> str:
