@@ -232,17 +232,14 @@ class DiffQADataModule(L.LightningDataModule):
             raise MetaditError(f"the {split} split is empty (set {split}_labels)")
         data = _Examples(self.splits[split])
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            # Our own sampler: rank r takes every world_size-th example, so with shuffle off the global batch
-            # equals a single process's batch of world_size x batch_size (and with it on, the seed decides).
-            from torch.utils.data import DistributedSampler
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # A sampler whose order is a function of (seed, epoch) alone — Lightning calls `set_epoch` — so a run
+        # resumed from a checkpoint sees the same batches as an uninterrupted one; with several processes,
+        # rank r takes every world-th example, so with shuffle off the global batch equals one process's.
+        from torch.utils.data import DistributedSampler
 
-            sampler = DistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                         shuffle=shuffle, seed=self.seed)
-            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=0)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g,
-                          num_workers=0)
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.shuffle)

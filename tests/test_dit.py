@@ -162,3 +162,55 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(banks, t
     assert losses["one"][0] != losses["one"][-1]  # the loss moved: the curves are not two flat lines
     for a, b in zip(losses["one"], losses["two"]):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (losses["one"], losses["two"])
+
+
+@pytest.mark.slow
+def test_killed_fit_resumes_to_the_same_final_metrics(banks, tmp_path):
+    """SIGKILL a training run after its first checkpoint, resume with --ckpt_path last: same final losses."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(root: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "metadit.cli", "fit", "--config", str(FIT), "--data.banks",
+                f'["{banks / "topic"}"]', "--trainer.max_epochs", "5", "--model.lr", "0.01", "--model.generate_in_validation", "false",
+                "--data.batch_size", "2", "--data.questions_per_diff", "5",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), *extra]
+
+    whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = subprocess.Popen(cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    last = None
+    while time.time() < deadline and killed.poll() is None:
+        found = list((tmp_path / "killed").rglob("last*.ckpt"))
+        if found and "epoch=" not in found[0].name:
+            import torch as _t
+
+            try:
+                if _t.load(found[0], map_location="cpu", weights_only=True)["epoch"] >= 1:
+                    last = found[0]
+                    break
+            except Exception:  # noqa: BLE001 — caught mid-write; look again
+                pass
+        time.sleep(0.2)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert last is not None
+    resumed = subprocess.run(cmd(tmp_path / "killed", "--ckpt_path", str(last)), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def final(root: Path) -> dict[str, float]:
+        import csv
+
+        rows = []
+        for f in sorted(root.rglob("metrics.csv")):
+            rows += list(csv.DictReader(open(f)))
+        val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+        return {"val": val[-1], "epochs": len(val)}
+
+    a, b = final(tmp_path / "whole"), final(tmp_path / "killed")
+    assert abs(a["val"] - b["val"]) <= 1e-3 * max(1.0, abs(a["val"])), (a, b)
