@@ -109,6 +109,20 @@ class DiffQADataModule(L.LightningDataModule):
             fps.add(DiffBank.open(p).base_model["fingerprint"])
         if len(fps) > 1:
             raise MetaditError(f"banks {self.bank_paths} were made for different base models")
+        # The model's identity from its config alone: a bank for another model fails here, before any weights load.
+        from metadit.bank import config_identity
+        from metadit.models import load_config
+
+        try:
+            mine = config_identity(load_config(self.base_model), self.base_model)
+        except (OSError, ValueError) as e:
+            raise MetaditError(f"cannot read the config of base model {self.base_model!r}: {e}") from e
+        bank = DiffBank.open(self.bank_paths[0]).base_model
+        if mine["fingerprint"] != bank["fingerprint"]:
+            raise MetaditError(
+                f"{self.bank_paths[0]}: bank was made for base model {bank['name']!r} (fingerprint "
+                f"{bank['fingerprint']}), not {self.base_model!r} (fingerprint {mine['fingerprint']})"
+            )
 
     @property
     def banks(self) -> list[Any]:

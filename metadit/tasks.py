@@ -100,5 +100,7 @@ def question_for(task: Task, meta: dict[str, Any]) -> list[str]:
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
+        from metadit.errors import MetaditError
+
+        raise MetaditError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
     return TASKS[name]

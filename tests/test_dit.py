@@ -214,3 +214,25 @@ def test_killed_fit_resumes_to_the_same_final_metrics(banks, tmp_path):
 
     a, b = final(tmp_path / "whole"), final(tmp_path / "killed")
     assert abs(a["val"] - b["val"]) <= 1e-3 * max(1.0, abs(a["val"])), (a, b)
+
+
+def test_bank_for_another_model_is_reported_before_any_model_loads(banks, tmp_path, monkeypatch):
+    from tests.conftest import tiny_llama
+    import metadit.models as models
+    from metadit.errors import MetaditError
+
+    other = tmp_path / "other-model"
+    tiny_llama().save_pretrained(other)
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("model loaded before the bank check"))
+    with pytest.raises(MetaditError, match="bank was made for base model 'tiny-random-smollm2'"):
+        DiffQADataModule([str(banks / "topic")], base_model=str(other))
+
+
+@pytest.mark.parametrize("bad", [["--model.adapter_rnak", "4"], ["--model.adapter_rank", "four"],
+                                 ["--data.tasks", "[nosuchtask]"]])
+def test_config_errors_are_rejected(banks, tmp_path, bad):
+    from metadit.errors import MetaditError
+
+    with pytest.raises((SystemExit, MetaditError)) as e:
+        _fit([str(banks / "topic")], tmp_path, "--trainer.fast_dev_run", "1", *bad)
+    assert not isinstance(e.value, SystemExit) or e.value.code != 0
