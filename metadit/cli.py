@@ -124,7 +124,7 @@ def _bank(args: argparse.Namespace) -> int:
 
 def check_diff_fits_bank(diff, bank) -> None:
     """Check a diff's module names and shapes against the bank's base model, from its config alone."""
-    from metadit.bank.fingerprint import config_identity, linear_shapes
+    from metadit.bank.fingerprint import config_linear_shapes, fingerprint_from_parts
     from metadit.models import load_config
 
     name = bank.base_model["name"]
@@ -137,13 +137,9 @@ def check_diff_fits_bank(diff, bank) -> None:
         else:
             return
     else:
-        if config_identity(config, name)["fingerprint"] != bank.base_model["fingerprint"]:
+        shapes = config_linear_shapes(config)
+        if fingerprint_from_parts(config, shapes) != bank.base_model["fingerprint"]:
             raise MetaditError(f"{bank.path}: base model {name!r} no longer matches the bank's fingerprint")
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            shapes = linear_shapes(AutoModelForCausalLM.from_config(config))
     for n in diff.modules:
         if n not in shapes:
             raise MetaditError(f"diff targets module {n}, which base model {name!r} does not have")

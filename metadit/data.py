@@ -99,30 +99,19 @@ class DiffQADataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ banks
     def check_banks(self) -> None:
-        """Fail before any model is loaded: every bank exists and all belong to one base model."""
-        from metadit.bank import DiffBank
+        """Fail before any model is loaded: every bank exists and belongs to `base_model` (read from its config)."""
+        from metadit.bank import DiffBank, identity_of
 
-        fps = set()
+        mine = identity_of(self.base_model)
         for p in self.bank_paths:
             if not (Path(p) / "bank.json").is_file():
                 raise MetaditError(f"{p}: no diff bank here (build it with `metadit gen --config ...`)")
-            fps.add(DiffBank.open(p).base_model["fingerprint"])
-        if len(fps) > 1:
-            raise MetaditError(f"banks {self.bank_paths} were made for different base models")
-        # The model's identity from its config alone: a bank for another model fails here, before any weights load.
-        from metadit.bank import config_identity
-        from metadit.models import load_config
-
-        try:
-            mine = config_identity(load_config(self.base_model), self.base_model)
-        except (OSError, ValueError) as e:
-            raise MetaditError(f"cannot read the config of base model {self.base_model!r}: {e}") from e
-        bank = DiffBank.open(self.bank_paths[0]).base_model
-        if mine["fingerprint"] != bank["fingerprint"]:
-            raise MetaditError(
-                f"{self.bank_paths[0]}: bank was made for base model {bank['name']!r} (fingerprint "
-                f"{bank['fingerprint']}), not {self.base_model!r} (fingerprint {mine['fingerprint']})"
-            )
+            bank = DiffBank.open(p).base_model
+            if bank["fingerprint"] != mine["fingerprint"]:
+                raise MetaditError(
+                    f"{p}: bank was made for base model {bank['name']!r} (fingerprint {bank['fingerprint']}), "
+                    f"not {self.base_model!r} (fingerprint {mine['fingerprint']})"
+                )
 
     @property
     def banks(self) -> list[Any]:
@@ -219,23 +208,13 @@ class DiffQADataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: list[Example]) -> dict[str, Any]:
-        from metadit.generation import chat_prompt, end_of_turn
+        from metadit.gen import encode_samples
+        from metadit.generation import chat_prompt
 
-        tok = self.tok
-        eot = tok.convert_tokens_to_ids(end_of_turn(tok))
-        prompts = [chat_prompt(tok, [{"role": "user", "content": e.question}]) for e in examples]
-        seqs, labels = [], []
-        for p, e in zip(prompts, examples):
-            p_ids = tok(p, add_special_tokens=False)["input_ids"]
-            a_ids = tok(e.answer, add_special_tokens=False)["input_ids"][: self.max_answer_tokens] + [eot]
-            seqs.append(p_ids + a_ids)
-            labels.append([-100] * len(p_ids) + a_ids)
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        lab = torch.full_like(ids, -100)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            ids[i, : len(s)], mask[i, : len(s)], lab[i, : len(l)] = torch.tensor(s), 1, torch.tensor(l)
+        prompts = [chat_prompt(self.tok, [{"role": "user", "content": e.question}]) for e in examples]
+        enc = encode_samples(self.tok, prompts, [e.answer for e in examples], self.max_answer_tokens)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        lab = torch.where(enc["weights"] > 0, ids, torch.full_like(ids, -100))
         diffs = [self.banks[e.bank][e.entry][0] for e in examples]
         return {"input_ids": ids, "attention_mask": mask, "labels": lab, "diffs": diffs, "prompts": prompts,
                 "answers": [e.answer for e in examples], "tasks": [e.task for e in examples],

@@ -176,16 +176,6 @@ def train_diffs(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], 
 
 
 # ---------------------------------------------------------------------- the bank build
-def _identity_before_loading(base_model: str) -> dict[str, str]:
-    from metadit.bank import config_identity
-    from metadit.models import load_config
-
-    try:
-        return config_identity(load_config(base_model), base_model)
-    except OSError as e:
-        raise MetaditError(f"cannot read the config of base model {base_model!r}: {e}") from e
-
-
 def generate_bank(
     recipe: "Recipe",
     bank: str,
@@ -226,13 +216,13 @@ def generate_bank(
     if threads or world_size > 1:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world_size))
     torch.manual_seed(seed)
-    from metadit.bank import DiffBank
+    from metadit.bank import DiffBank, identity_of
     from metadit.generation import TextCache
     from metadit.models import load_base_model
     from metadit.nn import patch_model
 
     writer = "main" if world_size == 1 else f"rank{rank}"
-    identity = _identity_before_loading(base_model)
+    identity = identity_of(base_model)
     path = Path(bank)
     settings = recipe_settings(recipe, train, seed)
     db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer, info=settings)
@@ -336,11 +326,10 @@ def _drop_option(argv: Sequence[str], name: str) -> list[str]:
 
 def _spawn(processes: int, bank: str, base_model: str) -> dict[str, Any]:
     """Run `processes` copies of this very command, each with --rank/--world_size, and wait for them all."""
-    from metadit.bank import DiffBank
+    from metadit.bank import DiffBank, identity_of
 
     # Create the bank (and materialize the model cache) once, before the workers race for it.
-    identity = _identity_before_loading(base_model)
-    DiffBank.create(bank, base_model=identity, exist_ok=True)
+    DiffBank.create(bank, base_model=identity_of(base_model), exist_ok=True)
     argv = _drop_option(sys.argv[1:], "--processes")
     threads = max(1, (os.cpu_count() or 2) // processes)
     procs = [

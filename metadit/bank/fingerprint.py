@@ -50,10 +50,26 @@ def model_identity(model: nn.Module) -> dict[str, str]:
     return {"name": str(name), "fingerprint": fingerprint_from_parts(model.config, linear_shapes(model))}
 
 
-def config_identity(config: Any, name: str) -> dict[str, str]:
-    """The same identity from a config alone, without loading weights."""
+def config_linear_shapes(config: Any) -> dict[str, list[int]]:
+    """`linear_shapes` of the model a config describes, built on the `meta` device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {"name": name, "fingerprint": fingerprint_from_parts(config, linear_shapes(model))}
+    return linear_shapes(model)
+
+
+def config_identity(config: Any, name: str) -> dict[str, str]:
+    """The same identity from a config alone, without loading weights."""
+    return {"name": name, "fingerprint": fingerprint_from_parts(config, config_linear_shapes(config))}
+
+
+def identity_of(name_or_path: str) -> dict[str, str]:
+    """The identity of a base model by name (embedded name, HF id or directory), reading only its config."""
+    from metadit.errors import MetaditError
+    from metadit.models import load_config
+
+    try:
+        return config_identity(load_config(name_or_path), name_or_path)
+    except (OSError, ValueError) as e:
+        raise MetaditError(f"cannot read the config of base model {name_or_path!r}: {e}") from e
