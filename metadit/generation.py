@@ -22,8 +22,11 @@ def chat_prompt(tok: Any, messages: list[dict[str, str]], assistant_prefix: str 
 
 def end_of_turn(tok: Any) -> str:
     """The token that ends an assistant turn (`<|im_end|>` for SmolLM2/Qwen; else eos)."""
+    # A round trip through the id is O(1); `t in tok.get_vocab()` rebuilt the whole vocabulary dict on every
+    # call, and this runs once per training step.
     for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-        if t in tok.get_vocab():
+        i = tok.convert_tokens_to_ids(t)
+        if i is not None and tok.convert_ids_to_tokens(i) == t:
             return t
     return tok.eos_token
 

@@ -120,9 +120,20 @@ def test_killed_generation_resumes_complete_without_duplicates(tmp_path):
     bank_dir = tmp_path / "bank"
     rng = random.Random(0)
     kills = 0
+    index = bank_dir / "index" / "main.jsonl"
+
+    def rows() -> int:
+        return len(index.read_bytes().splitlines()) if index.exists() else 0
+
     for _ in range(4):
+        before = rows()
         proc = subprocess.Popen(_gen_cmd(bank_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 7.0))  # start-up takes ~4 s, the whole build ~10 s
+        # Kill at a random moment after this run has made progress: a fixed sleep raced the build's speed
+        # (start-up ~4 s, then ~0.5 s per pass), so a fast machine finished before the kill.
+        deadline = time.time() + 120
+        while proc.poll() is None and rows() <= before and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
