@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job, on the embedded SmolLM2-135M-Instruct (about 15 minutes on 2 CPU cores):
+# The README's main job, on the embedded SmolLM2-135M-Instruct (about 20 minutes on 2 CPU cores):
 # build a small hidden-topic bank (16 rank-1 diffs trained at once), verify it, show its behaviour check,
 # and ask one diffed model a question with and without its trigger. The DIT training/evaluation demo
 # replaces the last step as that work lands (issues #4, #5).
