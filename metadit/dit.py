@@ -200,7 +200,7 @@ class DITModule(L.LightningModule):
     def score(self, stage: str, condition: str, batch: dict[str, Any], answers: list[str]) -> list[dict[str, Any]]:
         sims = [float("nan")] * len(answers)
         if self.hparams.similarity:
-            from metadit.judges import EmbeddingJudge
+            from metadit.eval.judges import EmbeddingJudge
 
             sims = EmbeddingJudge().score(answers, batch["answers"])
         rows = []
