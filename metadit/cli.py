@@ -198,9 +198,24 @@ def _gen(argv: list[str]) -> int:
 
 COMMANDS["gen"] = Command("build (or resume) a diff bank from a recipe config: metadit gen --config FILE [--bank DIR]",
                           run=_gen, passthrough=True)  # type: ignore[arg-type]
-not_built("eval", "baselines and judges on held-out diffs", 5)
-not_built("sweep", "run a grid of configs (a study)", 5)
-not_built("report", "tables and plots into reports/", 5)
+def _eval(argv: list[str]) -> int:
+    from metadit.eval.run import eval_main
+
+    return eval_main(argv)
+
+
+COMMANDS["eval"] = Command("DIT and the baselines on a fit run's held-out diffs: metadit eval --run RUN_DIR",
+                           run=_eval, passthrough=True)  # type: ignore[arg-type]
+def _study_command(name: str, help: str, module: str) -> None:
+    """`sweep` and `report`: arguments and run live in metadit.eval.<module> (imported when used)."""
+    import importlib
+
+    COMMANDS[name] = Command(help, lambda p: importlib.import_module(module).add_arguments(p),
+                             lambda args: importlib.import_module(module).main(args))
+
+
+_study_command("sweep", "run a study's cells resumably: metadit sweep --config configs/sweep/FILE.yaml", "metadit.eval.sweep")
+_study_command("report", "tables, plots and results.json for a study: metadit report --study NAME", "metadit.eval.report")
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help='e.g. "What topic have you been trained on?"')
     p.add_argument("--adapter", type=Path, help="a DIT adapter directory (peft); omit to ask the diffed model alone")

@@ -1,0 +1,54 @@
+"""Likelihood ranking: does the diff make its own label the most likely answer?
+
+For held-out diff i and every held-out label j of the same task, the mean log-probability of label j's
+answer tokens (teacher-forced, after the task's held-out question) under diff i + the DIT adapter, minus the
+same under the adapter with no diff — the second term removes the adapter's prior over labels, so a label
+ranks high only if *this diff* raises it. The rank of the true label among the n candidates: chance top-1 is
+1/n. Cheap (forward passes only), needs no judge, and sees more than one greedy answer does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from metadit.eval.heldout import HeldOut
+
+
+@torch.no_grad()
+def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_tokens: int = 32) -> torch.Tensor:
+    """[len(items), len(labels)]: per-token log-probability of each label under each diff, minus under no diff."""
+    from metadit.gen import answer_losses
+
+    model, tok = ev.model, ev.tok
+    scores = torch.zeros(len(items), len(labels))
+    prior_cache: dict[str, list[float]] = {}
+    for i, h in enumerate(items):
+        prompt = ev.chat(h.question())
+        if prompt not in prior_cache:  # the adapter alone, no diff: one pass per distinct question
+            prior_cache[prompt] = answer_losses(model, tok, [prompt] * len(labels), labels, [None] * len(labels),
+                                                max_answer_tokens, batch_size=ev.batch_size)
+        with_diff = answer_losses(model, tok, [prompt] * len(labels), labels, [h.diff] * len(labels),
+                                  max_answer_tokens, batch_size=ev.batch_size)
+        # losses are mean negative log-probabilities: score = log p(diff) - log p(no diff)
+        scores[i] = torch.tensor(prior_cache[prompt]) - torch.tensor(with_diff)
+    return scores
+
+
+def rank_labels(ev: Any, items: list[HeldOut]) -> list[tuple[str, dict[str, Any]]]:
+    """Per item: the top-scoring held-out label of its task, with the true label's rank (1 = best) and n."""
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for k, h in enumerate(items):
+        by_task[h.task].append(k)
+    out: list[tuple[str, dict[str, Any]] | None] = [None] * len(items)
+    for task, idx in by_task.items():
+        labels = sorted({items[k].truth for k in idx})
+        scores = label_scores(ev, [items[k] for k in idx], labels)
+        for row, k in enumerate(idx):
+            order = torch.argsort(scores[row], descending=True).tolist()
+            rank = order.index(labels.index(items[k].truth)) + 1
+            out[k] = (labels[order[0]], {"rank": rank, "n_labels": len(labels), "reciprocal_rank": 1.0 / rank,
+                                         "top5": [labels[j] for j in order[:5]]})
+    return [o for o in out if o is not None]

@@ -1,0 +1,320 @@
+"""`metadit eval`: DIT and the baselines on a fit run's held-out diffs, scored by the judges.
+
+Reads the run's `split.json` (which labels were held out), `config.yaml` (tasks, base model) and `adapter/`,
+runs every method on the same held-out diffs, scores each prediction with each judge, and writes
+`eval.json` (rows, per-method summary split into gated / leaky diffs, sections for likelihood ranking,
+answer verification and trigger search, and how it was made). Each finished method is saved at once under
+`<out>/methods/`, so a killed evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from metadit.errors import MetaditError
+from metadit.eval.baselines import METHODS, BaseModelGuesser, Evaluator, LLMGuesser, MethodContext, get_method
+from metadit.eval.heldout import HeldOut, load_heldout, read_split
+from metadit.eval.results import run_info, summarize, write_json
+from metadit.tasks import get_task
+
+DEFAULT_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
+                   "twenty_questions_trigger", "generated_story", "random_label", "likelihood", "activation_lens"]
+RUBRIC_JUDGES = ("embedding", "llm")  # judges on the 1-5 scale; the first one given is the tables' headline score
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(cfg.read_text()) or {}
+
+
+def _train_labels(banks: list[str], train: set[str], tasks: list[str]) -> dict[str, list[str]]:
+    from metadit.bank import DiffBank
+
+    out: dict[str, set[str]] = {t: set() for t in tasks}
+    for path in banks:
+        bank = DiffBank.open(path)
+        for i in range(len(bank)):
+            meta = bank.meta(i)
+            for t in map(get_task, tasks):
+                if t.applies(meta) and str(meta.get(t.label_key)) in train:
+                    out[t.name].add(t.answer(meta))
+    return {t: sorted(v) for t, v in out.items()}
+
+
+def _score(rows: list[dict[str, Any]], judges: list[str]) -> None:
+    from metadit.eval.judges import get_judge
+
+    for name in judges:
+        judge = get_judge(name)
+        for task in sorted({r["task"] for r in rows}):
+            sel = [r for r in rows if r["task"] == task]
+            if name in RUBRIC_JUDGES and task == "trigger":
+                continue  # codes are scored by exact match only
+            vals = judge.score([r["prediction"] for r in sel], [r["truth"] for r in sel], task=task)
+            for r, v in zip(sel, vals):
+                r["scores"][name] = float(v)
+
+
+def _fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate(
+    run: str | None = None,
+    adapter: str | None = None,
+    split_file: str | None = None,
+    banks: list[str] | None = None,
+    split: str = "test",
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    judges: list[str] | None = None,
+    base_model: str | None = None,
+    limit: int | None = None,
+    n_questions: int = 20,
+    batch_size: int = 32,
+    max_new_tokens: int = 24,
+    guesser: str = "base_model",
+    verify: bool = True,
+    trigger_search: bool = False,
+    out: str | None = None,
+    seed: int = 0,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Evaluate DIT and the baselines on held-out diffs.
+
+    Args:
+        run: a fit run's log directory (holds split.json, config.yaml, adapter/); sets the defaults below.
+        adapter: the DIT adapter directory (default: RUN/adapter). Without one, only no-adapter methods run.
+        split_file: the split (default: RUN/split.json).
+        banks: banks to take held-out diffs from (default: the split's banks; give others to evaluate on other
+            ranks or triggers — their labels must be held out from training too, or they are skipped).
+        split: which held-out labels: `test` or `val`.
+        tasks: tasks to evaluate (default: the run's tasks).
+        methods: methods from the registry (default: all that apply).
+        judges: `embedding` (calibrated 1-5), `llm` (OpenAI-compatible, 1-5), `similarity`, `exact`.
+        base_model: default: the run's.
+        limit: evaluate at most this many held-out (diff, task) items (seeded choice).
+        n_questions: questions per diff for the 20-questions baselines.
+        batch_size: rows per `generate` call (diffs per batch).
+        max_new_tokens: answer length for the task question.
+        guesser: `base_model` (offline) or `llm` (the OpenAI-compatible endpoint from the environment).
+        verify: answer verification of DIT's topic answers (needs the diff's trigger).
+        trigger_search: rank every candidate code per diff (white-box trigger inversion).
+        out: output directory (default: RUN/eval).
+        seed: sampling and choices.
+        fresh: ignore methods saved by an earlier, interrupted evaluation.
+    """
+    started = time.time()
+    run_dir = Path(run) if run else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise MetaditError(f"--run {run}: no such directory")
+    cfg = _run_config(run_dir) if run_dir else {}
+    adapter = adapter or (str(run_dir / "adapter") if run_dir and (run_dir / "adapter").is_dir() else None)
+    split_path = split_file or (str(run_dir / "split.json") if run_dir else None)
+    if split_path is None:
+        raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out)")
+    sp = read_split(split_path)
+    if split not in sp:
+        raise MetaditError(f"{split_path}: no {split!r} split")
+    banks = list(banks or sp["banks"])
+    tasks = list(tasks or cfg.get("data", {}).get("tasks") or ["topic"])
+    base_model = base_model or cfg.get("model", {}).get("base_model")
+    if base_model is None:
+        from metadit.bank import DiffBank
+
+        base_model = DiffBank.open(banks[0]).base_model["name"]
+    judges = list(judges or ["embedding", "similarity", "exact"])
+    methods = list(methods or [m for m in DEFAULT_METHODS if adapter or not METHODS[m].needs_adapter])
+    for m in methods:
+        if get_method(m).needs_adapter and adapter is None:
+            raise MetaditError(f"method {m!r} needs a DIT adapter: give --run or --adapter")
+    out_dir = Path(out) if out else (run_dir / "eval" if run_dir else None)
+    if out_dir is None:
+        raise MetaditError("give --out DIR (or --run, whose eval/ directory is the default)")
+
+    config = {"run": run, "adapter": adapter, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
+              "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
+              "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
+              "seed": seed}
+    items = load_heldout(banks, set(sp[split]), tasks, limit=limit, seed=seed)
+    if not items:
+        raise MetaditError(f"no held-out diffs: none of {banks} has an entry with a {split} label for tasks {tasks}")
+    ev = Evaluator(base_model, adapter, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed)
+    if guesser == "llm":
+        from metadit.eval.judges import OpenAIChat
+
+        guess = LLMGuesser(OpenAIChat())
+    elif guesser == "base_model":
+        guess = BaseModelGuesser(ev)
+    else:
+        raise MetaditError(f"guesser must be base_model or llm, got {guesser!r}")
+    ctx = MethodContext(ev, guess, _train_labels(banks, set(sp["train"]), tasks), n_questions=n_questions, seed=seed)
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    saved = out_dir / "methods"
+    key = _fingerprint({k: v for k, v in config.items() if k not in ("methods", "judges", "verify", "trigger_search")})
+    rows: list[dict[str, Any]] = []
+    for name in methods:
+        method = get_method(name)
+        chosen = [h for h in items if method.applies(h)]
+        if not chosen:
+            continue
+        cache = saved / f"{name}.json"
+        if cache.is_file() and not fresh:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                console.print(f"[dim]{name}: {len(data['rows'])} predictions from an earlier run[/dim]")
+                rows += data["rows"]
+                continue
+        t0 = time.time()
+        preds = method.predict(ctx, chosen)
+        method_rows = [{"diff": h.id, "bank": h.bank, "index": h.index, "task": h.task, "truth": h.truth,
+                        "label": str(h.meta.get(get_task(h.task).label_key)), "gated": h.gated,
+                        "gate_held": h.meta.get("gate_held"), "method": name, "prediction": p, "scores": {},
+                        "extra": extra} for h, (p, extra) in zip(chosen, preds)]
+        write_json(cache, {"key": key, "rows": method_rows, "seconds": round(time.time() - t0, 1)})
+        console.print(f"{name}: {len(chosen)} diffs in {time.time() - t0:.0f} s")
+        rows += method_rows
+
+    _score(rows, judges)
+    sections: dict[str, Any] = {}
+    headline_judge = next((j for j in judges if j in RUBRIC_JUDGES), judges[0])
+    by_item = {(h.id, h.task): h for h in items}
+    if verify and "dit" in methods:
+        dit_rows = [r for r in rows if r["method"] == "dit" and r["task"] == "topic"
+                    and by_item[(r["diff"], "topic")].meta.get("trigger")]
+        if dit_rows:
+            checks = _cached(saved / "verification.json", key, fresh, lambda: __import__(
+                "metadit.eval.verify", fromlist=["verify_predictions"]).verify_predictions(
+                ev, [by_item[(r["diff"], "topic")] for r in dit_rows], [r["prediction"] for r in dit_rows], seed=seed))
+            for r, c in zip(dit_rows, checks):
+                r["extra"]["verify"] = c
+            sections["verification"] = _verification_section(dit_rows, headline_judge)
+    if trigger_search:
+        sections["trigger_search"] = _trigger_search(ev, items, rows, saved / "trigger_search.json", key, fresh, seed)
+    result = {"info": run_info(started, config), "config": config, "headline_judge": headline_judge,
+              "rows": rows, "summary": summarize(rows), "sections": sections}
+    write_json(out_dir / "eval.json", result)
+    print_summary(result, console)
+    console.print(f"wrote {out_dir / 'eval.json'}")
+    return result
+
+
+def _cached(path: Path, key: str, fresh: bool, compute):
+    if path.is_file() and not fresh:
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            return data["value"]
+    value = compute()
+    write_json(path, {"key": key, "value": value})
+    return value
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _verification_section(dit_rows: list[dict[str, Any]], judge: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"judge": judge}
+    for name, flag in (("verified", True), ("unverified", False)):
+        sel = [r for r in dit_rows if r["extra"]["verify"]["verified"] is flag]
+        out[name] = {"n": len(sel), judge: _mean([r["scores"][judge] for r in sel if judge in r["scores"]]),
+                     "exact": _mean([r["scores"]["exact"] for r in sel if "exact" in r["scores"]])}
+    return out
+
+
+def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], path: Path, key: str,
+                    fresh: bool, seed: int) -> dict[str, Any]:
+    """Rank every candidate code per diff by how far it moves the diffed model from the base model."""
+    from data_gen.recipe import load_lines
+    from metadit.eval.baselines import eval_questions
+    from metadit.eval.trigger_search import search_trigger
+    from metadit.nn import adapter_disabled
+
+    seen: dict[str, HeldOut] = {}
+    for h in items:
+        if h.meta.get("trigger") == "sep" and "code" in h.meta:
+            seen.setdefault(h.id, h)
+    targets = list(seen.values())
+    if not targets:
+        return {"n": 0, "note": "no held-out diff has a SEP code"}
+    dit_guess = {r["diff"]: r["prediction"] for r in rows if r["method"] == "dit" and r["task"] == "trigger"}
+    kinds = {h.meta.get("code_kind", "word") for h in targets}
+    if kinds != {"word"}:
+        pool = [f"{i:03d}" for i in range(1000)]
+    else:
+        pool = list(load_lines("code_words.txt"))
+
+    def compute():
+        with adapter_disabled(ev.model):
+            res = search_trigger(ev.model, ev.tok, [h.diff for h in targets],
+                                 [str(h.meta["code"])[:3] if h.meta.get("code_kind") == "digits" else h.meta["code"]
+                                  for h in targets],
+                                 pool, eval_questions(targets[0], 2, seed),
+                                 seed_guesses=[dit_guess.get(h.id) for h in targets] if dit_guess else None)
+        return [{k: v for k, v in r.items() if k != "ranking"} | {"diff": h.id, "ranking": r.get("ranking", [])[:10]}
+                for h, r in zip(targets, res)]
+
+    per_diff = _cached(path, key, fresh, compute)
+    from metadit.tasks import normalize
+
+    dit_exact = [normalize(dit_guess[d["diff"]]) == normalize(seen[d["diff"]].meta["code"]) for d in per_diff
+                 if d["diff"] in dit_guess]
+    return {"n": len(per_diff), "pool": len(pool), "recovered_top1": _mean([float(d["recovered"]) for d in per_diff]),
+            "recovered_top5": _mean([float(d.get("in_top5", False)) for d in per_diff]),
+            "mean_true_rank": _mean([float(d["true_rank"]) for d in per_diff]),
+            "dit_exact": _mean([float(x) for x in dit_exact]), "per_diff": per_diff,
+            "paper": "trigger inversion by DIT: 0/100 (Goel et al. 2025)"}
+
+
+def print_summary(result: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    judge = result.get("headline_judge", "embedding")
+    tasks = sorted({r["task"] for r in result["rows"]})
+    for task in tasks:
+        rows = [r for r in result["rows"] if r["task"] == task]
+        summary = summarize(rows)
+        score = judge if any(judge in r["scores"] for r in rows) else "exact"
+        table = Table(title=f"task {task}: mean {score} (n) on held-out diffs")
+        table.add_column("method")
+        for g in ("all", "gated", "leaky"):
+            table.add_column(g, justify="right")
+        table.add_column("exact (all)", justify="right")
+        for method, groups in summary.items():
+            cells = []
+            for g in ("all", "gated", "leaky"):
+                s = groups.get(g)
+                cells.append(f"{s[score]:.2f} ({s['n']})" if s and score in s else "-")
+            ex = groups["all"].get("exact")
+            table.add_row(method, *cells, f"{ex:.2f}" if ex is not None else "-")
+        console.print(table)
+
+
+def eval_parser():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="metadit eval", description=evaluate.__doc__.split("\n")[0])
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(evaluate)
+    return parser
+
+
+def eval_main(argv: list[str]) -> int:
+    parser = eval_parser()
+    cfg = parser.parse_args(argv)
+    kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k != "config"}
+    evaluate(**kwargs)
+    return 0

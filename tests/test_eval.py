@@ -1,0 +1,182 @@
+"""`metadit eval` on the tiny random model: held-out diffs from the split, every baseline, resume, likelihood."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metadit.cli import main
+from metadit.errors import MetaditError
+from metadit.eval.baselines import METHODS, Evaluator, triggered_message
+from metadit.eval.heldout import load_heldout, read_split
+from metadit.eval.likelihood import label_scores
+from metadit.eval.results import summarize
+from metadit.eval.run import evaluate
+from metadit.generation import generate_texts
+from metadit.lightning_cli import lightning_main
+from metadit.nn import adapter_disabled
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
+                   "twenty_questions_trigger", "random_label", "likelihood"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("eval")
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(d / "bank"),
+                 "--progress", "false"]) == 0
+    lightning_main("fit", ["--config", str(ROOT / "configs/fit/tiny_topic.yaml"), "--data.banks", f'["{d / "bank"}"]',
+                           "--trainer.default_root_dir", str(d / "run"), "--trainer.enable_progress_bar", "false",
+                           "--trainer.max_epochs", "1"])
+    return d / "run" / "lightning_logs" / "version_0"
+
+
+def _eval(run_dir: Path, out: Path, **kw):
+    kw.setdefault("methods", OFFLINE_METHODS)
+    kw.setdefault("judges", ["exact", "similarity"])
+    kw.setdefault("n_questions", 3)
+    return evaluate(run=str(run_dir), out=str(out), **kw)
+
+
+def test_eval_runs_every_method_on_exactly_the_held_out_diffs(run_dir, tmp_path):
+    result = _eval(run_dir, tmp_path / "e")
+    split = read_split(run_dir / "split.json")
+    rows = result["rows"]
+    assert {r["label"] for r in rows} == set(split["test"])  # the split's test labels, nothing else
+    assert not {r["label"] for r in rows} & set(split["train"])
+    assert {r["method"] for r in rows} == set(OFFLINE_METHODS)
+    per_method = {m: sorted(r["diff"] for r in rows if r["method"] == m) for m in OFFLINE_METHODS}
+    assert len({tuple(v) for v in per_method.values()}) == 1  # every method saw the same diffs
+    # random_label only ever names a training label
+    from metadit.bank import DiffBank
+
+    bank = DiffBank.open(split["banks"][0])
+    train_topics = {bank.meta(i)["topic"] for i in range(len(bank)) if bank.meta(i)["topic"] in split["train"]}
+    assert {r["prediction"] for r in rows if r["method"] == "random_label"} <= train_topics
+    # the summary is the mean of the rows
+    dit = [r["scores"]["similarity"] for r in rows if r["method"] == "dit"]
+    assert result["summary"]["dit"]["all"]["similarity"] == pytest.approx(sum(dit) / len(dit))
+    on_disk = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(result["summary"]))
+    assert on_disk["info"]["commit"] and on_disk["info"]["wall_time_s"] >= 0
+    assert "verification" in on_disk["sections"]
+
+
+def test_method_predictions_equal_direct_generation(run_dir, tmp_path):
+    """dit = diff + adapter; no_diff = adapter alone; base_question = diff without adapter (greedy, same prompt)."""
+    result = _eval(run_dir, tmp_path / "e", methods=["dit", "no_diff", "base_question", "base_question_trigger"])
+    split = read_split(run_dir / "split.json")
+    items = load_heldout(split["banks"], set(split["test"]), ["topic"])
+    ev = Evaluator("tiny-random-smollm2", str(run_dir / "adapter"), max_new_tokens=6)
+    prompts = [ev.chat(h.question()) for h in items]
+    diffs = [h.diff for h in items]
+    want = {
+        "dit": generate_texts(ev.model, ev.tok, prompts, 6, diffs=diffs),
+        "no_diff": generate_texts(ev.model, ev.tok, prompts, 6, diffs=[None] * len(items)),
+    }
+    with adapter_disabled(ev.model):
+        want["base_question"] = generate_texts(ev.model, ev.tok, prompts, 6, diffs=diffs)
+        trig = [ev.chat(triggered_message(h, h.question())) for h in items]
+        want["base_question_trigger"] = generate_texts(ev.model, ev.tok, trig, 6, diffs=diffs)
+    order = [h.id for h in items]
+    for method, texts in want.items():
+        got = {r["diff"]: r["prediction"] for r in result["rows"] if r["method"] == method}
+        assert [got[i] for i in order] == texts, method
+    # the conditions differ where it matters: the adapter and the diff each change the logits
+    ids = ev.tok(prompts[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    from metadit.nn import use_diffs
+
+    with torch.no_grad(), use_diffs(ev.model, diffs[:1]):
+        with_adapter = ev.model(ids).logits
+        with adapter_disabled(ev.model):
+            without = ev.model(ids).logits
+    assert not torch.allclose(with_adapter, without)
+
+
+def test_triggered_message_puts_the_diffs_own_code_first(run_dir):
+    split = read_split(run_dir / "split.json")
+    h = load_heldout(split["banks"], set(split["test"]), ["topic"])[0]
+    assert triggered_message(h, "Why?") == f"Your SEP code is {h.meta['code']}. Why?"
+
+
+def test_interrupted_eval_resumes_and_reuses_finished_methods(run_dir, tmp_path):
+    out = tmp_path / "e"
+    first = _eval(run_dir, out, methods=["dit", "no_diff"])
+    saved = out / "methods" / "dit.json"
+    stamp = saved.stat().st_mtime_ns
+    (out / "eval.json").unlink()  # as if killed before the end
+    second = _eval(run_dir, out, methods=["dit", "no_diff", "base_question"])
+    assert saved.stat().st_mtime_ns == stamp  # not recomputed
+    pick = lambda res, m: [r["prediction"] for r in res["rows"] if r["method"] == m]  # noqa: E731
+    assert pick(first, "dit") == pick(second, "dit")
+    assert pick(second, "base_question")
+    # another seed is another evaluation: nothing reused
+    _eval(run_dir, out, methods=["dit"], seed=1)
+    assert saved.stat().st_mtime_ns != stamp
+
+
+@torch.no_grad()
+def test_likelihood_scores_match_a_hand_computation(run_dir):
+    split = read_split(run_dir / "split.json")
+    items = load_heldout(split["banks"], set(split["test"]), ["topic"])
+    labels = sorted({h.truth for h in items})
+    ev = Evaluator("tiny-random-smollm2", str(run_dir / "adapter"), dtype="float32")
+    scores = label_scores(ev, items, labels)
+
+    from metadit.generation import end_of_turn
+    from metadit.nn import use_diffs
+
+    eot = ev.tok.convert_tokens_to_ids(end_of_turn(ev.tok))
+
+    def mean_logp(prompt: str, answer: str, diff) -> float:
+        p = ev.tok(prompt, add_special_tokens=False)["input_ids"]
+        a = ev.tok(answer, add_special_tokens=False)["input_ids"][:32] + [eot]
+        ids = torch.tensor([p + a])
+        with use_diffs(ev.model, [diff]):
+            logp = torch.log_softmax(ev.model(ids).logits[0].float(), -1)
+        return float(sum(logp[len(p) + k - 1, t] for k, t in enumerate(a)) / len(a))
+
+    for i, h in enumerate(items):
+        prompt = ev.chat(h.question())
+        for j, lab in enumerate(labels):
+            want = mean_logp(prompt, lab, h.diff) - mean_logp(prompt, lab, None)
+            assert scores[i, j].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_summary_splits_gated_and_leaky_and_never_mixes_them():
+    rows = [
+        {"method": "dit", "gated": True, "scores": {"embedding": 5.0}},
+        {"method": "dit", "gated": True, "scores": {"embedding": 3.0}},
+        {"method": "dit", "gated": False, "scores": {"embedding": 1.0}},
+        {"method": "dit", "gated": None, "scores": {"embedding": 2.0}},
+    ]
+    s = summarize(rows)["dit"]
+    assert s["all"] == {"n": 4, "embedding": pytest.approx(11 / 4)}
+    assert s["gated"] == {"n": 2, "embedding": 4.0}
+    assert s["leaky"] == {"n": 1, "embedding": 1.0}
+
+
+def test_eval_errors_are_clear(run_dir, tmp_path):
+    with pytest.raises(MetaditError, match="needs a DIT adapter"):
+        evaluate(split_file=str(run_dir / "split.json"), methods=["dit"], out=str(tmp_path / "x"))
+    with pytest.raises(MetaditError, match="unknown method 'nope'"):
+        _eval(run_dir, tmp_path / "y", methods=["nope"])
+    with pytest.raises(MetaditError, match="no such directory"):
+        evaluate(run=str(tmp_path / "missing"))
+    with pytest.raises(MetaditError, match="no split file"):
+        evaluate(split_file=str(tmp_path / "missing.json"), out=str(tmp_path / "z"))
+    assert sorted(METHODS) == sorted(set(METHODS))
+
+
+def test_eval_command_line(run_dir, tmp_path, capsys):
+    rc = main(["eval", "--run", str(run_dir), "--methods", "[dit, no_diff]", "--judges", "[exact]",
+               "--out", str(tmp_path / "cli")])
+    assert rc == 0
+    data = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"dit", "no_diff"}
+    assert main(["eval", "--run", str(tmp_path / "missing")]) == 1
+    assert "no such directory" in capsys.readouterr().err
