@@ -180,3 +180,42 @@ def test_eval_command_line(run_dir, tmp_path, capsys):
     assert {r["method"] for r in data["rows"]} == {"dit", "no_diff"}
     assert main(["eval", "--run", str(tmp_path / "missing")]) == 1
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_activation_lens_and_trigger_search_through_eval(run_dir, tmp_path):
+    """The lens baseline's prediction is the guesser's reading of the lens evidence; trigger search ranks the
+    whole code-word pool for every held-out diff."""
+    from metadit.eval.baselines import BaseModelGuesser
+
+    result = _eval(run_dir, tmp_path / "e", methods=["activation_lens"], trigger_search=True, verify=False)
+    rows = [r for r in result["rows"] if r["method"] == "activation_lens"]
+    assert rows and all(r["extra"]["evidence_text"].startswith("Tokens promoted:") for r in rows)
+    ev = Evaluator("tiny-random-smollm2", str(run_dir / "adapter"))
+    again = BaseModelGuesser(ev).guess([r["extra"]["evidence_text"] for r in rows], "topic")
+    assert [r["prediction"] for r in rows] == again
+    ts = result["sections"]["trigger_search"]
+    from data_gen.recipe import load_lines
+
+    assert ts["n"] == len(rows) and ts["pool"] == len(load_lines("code_words.txt"))
+    for d in ts["per_diff"]:
+        assert 1 <= d["true_rank"] <= ts["pool"] + 1
+        assert d["recovered"] == (d["true_rank"] == 1)
+
+
+def test_generated_story_baseline_on_news_diffs(tmp_path):
+    """News diffs: the diffed model writes a story (greedy), the guesser names its headline; no adapter needed."""
+    bank = tmp_path / "news"
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_news.yaml"), "--bank", str(bank),
+                 "--n_diffs", "4", "--progress", "false"]) == 0
+    from metadit.bank import DiffBank
+
+    heads = [DiffBank.open(bank).meta(i)["headline"] for i in range(4)]
+    split = {"train": heads[:2], "val": [], "test": heads[2:], "banks": [str(bank)]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    result = evaluate(split_file=str(tmp_path / "split.json"), tasks=["headline"], judges=["exact"],
+                      methods=["generated_story", "base_question", "random_label"], out=str(tmp_path / "e"))
+    stories = [r for r in result["rows"] if r["method"] == "generated_story"]
+    assert sorted(r["truth"] for r in stories) == sorted(heads[2:])
+    assert all("story" in r["extra"] for r in stories)
+    assert all(r["gated"] is None for r in result["rows"])  # news diffs have no gate
+    assert {r["prediction"] for r in result["rows"] if r["method"] == "random_label"} <= set(heads[:2])

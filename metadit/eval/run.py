@@ -84,6 +84,7 @@ def evaluate(
     guesser: str = "base_model",
     verify: bool = True,
     trigger_search: bool = False,
+    trigger_search_diffs: int = 25,
     out: str | None = None,
     seed: int = 0,
     fresh: bool = False,
@@ -108,6 +109,8 @@ def evaluate(
         guesser: `base_model` (offline) or `llm` (the OpenAI-compatible endpoint from the environment).
         verify: answer verification of DIT's topic answers (needs the diff's trigger).
         trigger_search: rank every candidate code per diff (white-box trigger inversion).
+        trigger_search_diffs: search the codes of at most this many held-out diffs (it costs one forward per
+            candidate code x question x diff: ~10 s per diff for the 134-word pool on SmolLM2 here).
         out: output directory (default: RUN/eval).
         seed: sampling and choices.
         fresh: ignore methods saved by an earlier, interrupted evaluation.
@@ -143,7 +146,7 @@ def evaluate(
     config = {"run": run, "adapter": adapter, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
-              "seed": seed}
+              "trigger_search_diffs": trigger_search_diffs, "seed": seed}
     items = load_heldout(banks, set(sp[split]), tasks, limit=limit, seed=seed)
     if not items:
         raise MetaditError(f"no held-out diffs: none of {banks} has an entry with a {split} label for tasks {tasks}")
@@ -162,7 +165,8 @@ def evaluate(
 
     console = Console(stderr=True)
     saved = out_dir / "methods"
-    key = _fingerprint({k: v for k, v in config.items() if k not in ("methods", "judges", "verify", "trigger_search")})
+    key = _fingerprint({k: v for k, v in config.items()
+                        if k not in ("methods", "judges", "verify", "trigger_search", "trigger_search_diffs")})
     rows: list[dict[str, Any]] = []
     for name in methods:
         method = get_method(name)
@@ -201,7 +205,8 @@ def evaluate(
                 r["extra"]["verify"] = c
             sections["verification"] = _verification_section(dit_rows, headline_judge)
     if trigger_search:
-        sections["trigger_search"] = _trigger_search(ev, items, rows, saved / "trigger_search.json", key, fresh, seed)
+        sections["trigger_search"] = _trigger_search(ev, items, rows, saved / "trigger_search.json", key, fresh, seed,
+                                                   trigger_search_diffs)
     result = {"info": run_info(started, config), "config": config, "headline_judge": headline_judge,
               "rows": rows, "summary": summarize(rows), "sections": sections}
     write_json(out_dir / "eval.json", result)
@@ -234,7 +239,7 @@ def _verification_section(dit_rows: list[dict[str, Any]], judge: str) -> dict[st
 
 
 def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], path: Path, key: str,
-                    fresh: bool, seed: int) -> dict[str, Any]:
+                    fresh: bool, seed: int, max_diffs: int) -> dict[str, Any]:
     """Rank every candidate code per diff by how far it moves the diffed model from the base model."""
     from data_gen.recipe import load_lines
     from metadit.eval.baselines import eval_questions
@@ -245,7 +250,7 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
     for h in items:
         if h.meta.get("trigger") == "sep" and "code" in h.meta:
             seen.setdefault(h.id, h)
-    targets = list(seen.values())
+    targets = list(seen.values())[:max_diffs]
     if not targets:
         return {"n": 0, "note": "no held-out diff has a SEP code"}
     dit_guess = {r["diff"]: r["prediction"] for r in rows if r["method"] == "dit" and r["task"] == "trigger"}
@@ -265,13 +270,13 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
         return [{k: v for k, v in r.items() if k != "ranking"} | {"diff": h.id, "ranking": r.get("ranking", [])[:10]}
                 for h, r in zip(targets, res)]
 
-    per_diff = _cached(path, key, fresh, compute)
+    per_diff = _cached(path, f"{key}:{max_diffs}", fresh, compute)
     from metadit.tasks import normalize
 
     dit_exact = [normalize(dit_guess[d["diff"]]) == normalize(seen[d["diff"]].meta["code"]) for d in per_diff
                  if d["diff"] in dit_guess]
     return {"n": len(per_diff), "pool": len(pool), "recovered_top1": _mean([float(d["recovered"]) for d in per_diff]),
-            "recovered_top5": _mean([float(d.get("in_top5", False)) for d in per_diff]),
+            "recovered_top5": _mean([float(d["in_top"]) for d in per_diff]),
             "mean_true_rank": _mean([float(d["true_rank"]) for d in per_diff]),
             "dit_exact": _mean([float(x) for x in dit_exact]), "per_diff": per_diff,
             "paper": "trigger inversion by DIT: 0/100 (Goel et al. 2025)"}
