@@ -219,3 +219,17 @@ def test_generated_story_baseline_on_news_diffs(tmp_path):
     assert all("story" in r["extra"] for r in stories)
     assert all(r["gated"] is None for r in result["rows"])  # news diffs have no gate
     assert {r["prediction"] for r in result["rows"] if r["method"] == "random_label"} <= set(heads[:2])
+
+
+def test_unseen_split_evaluates_another_bank_without_any_label_the_run_saw(run_dir, tmp_path):
+    other = tmp_path / "other"
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(other), "--seed", "1",
+                 "--n_diffs", "4", "--diffs_per_pass", "4", "--progress", "false"]) == 0
+    split = read_split(run_dir / "split.json")
+    seen = set(split["train"]) | set(split["val"]) | set(split["test"])
+    from metadit.bank import DiffBank
+
+    fresh = {DiffBank.open(other).meta(i)["topic"] for i in range(4)} - seen
+    result = _eval(run_dir, tmp_path / "e", banks=[str(other)], split="unseen", methods=["dit", "random_label"])
+    assert {r["label"] for r in result["rows"]} == fresh
+    assert {r["prediction"] for r in result["rows"] if r["method"] == "random_label"} <= set(split["train"])

@@ -62,13 +62,15 @@ def read_split(path: str | Path) -> dict[str, Any]:
 
 def load_heldout(
     banks: list[str],
-    labels: set[str],
+    labels: set[str] | None,
     tasks: list[str],
     limit: int | None = None,
     seed: int = 0,
     gate_threshold: float | None = None,
+    exclude: set[str] | None = None,
 ) -> list[HeldOut]:
-    """Every entry of `banks` whose label (per task) is in `labels`, one `HeldOut` per (entry, task)."""
+    """Every entry of `banks` whose label (per task) is in `labels` (None: any label) and not in `exclude`,
+    one `HeldOut` per (entry, task)."""
     from metadit.bank import DiffBank
 
     task_objs: list[Task] = [get_task(t) for t in tasks]
@@ -81,7 +83,8 @@ def load_heldout(
         for i in range(len(bank)):
             meta = bank.meta(i)
             for t in task_objs:
-                if t.applies(meta) and str(meta.get(t.label_key)) in labels:
+                label = str(meta.get(t.label_key))
+                if t.applies(meta) and (labels is None or label in labels) and label not in (exclude or ()):
                     out.append(HeldOut(str(path), i, None, meta, t.name, t.answer(meta), gate_of(meta, threshold)))
     if limit is not None and len(out) > limit:
         out = sorted(random.Random(seed).sample(out, limit), key=lambda h: (h.bank, h.index, h.task))

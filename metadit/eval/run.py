@@ -97,7 +97,9 @@ def evaluate(
         split_file: the split (default: RUN/split.json).
         banks: banks to take held-out diffs from (default: the split's banks; give others to evaluate on other
             ranks or triggers — their labels must be held out from training too, or they are skipped).
-        split: which held-out labels: `test` or `val`.
+        split: which held-out labels: `test` or `val`; `unseen`: every entry of `banks` whose label is in no
+            split of the run (neither trained on nor used to pick the checkpoint) — for other banks (other ranks,
+            other triggers).
         tasks: tasks to evaluate (default: the run's tasks).
         methods: methods from the registry (default: all that apply).
         judges: `embedding` (calibrated 1-5), `llm` (OpenAI-compatible, 1-5), `similarity`, `exact`.
@@ -125,8 +127,8 @@ def evaluate(
     if split_path is None:
         raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out)")
     sp = read_split(split_path)
-    if split not in sp:
-        raise MetaditError(f"{split_path}: no {split!r} split")
+    if split != "unseen" and split not in sp:
+        raise MetaditError(f"{split_path}: no {split!r} split (choose test, val or unseen)")
     banks = list(banks or sp["banks"])
     tasks = list(tasks or cfg.get("data", {}).get("tasks") or ["topic"])
     base_model = base_model or cfg.get("model", {}).get("base_model")
@@ -147,7 +149,11 @@ def evaluate(
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
               "trigger_search_diffs": trigger_search_diffs, "seed": seed}
-    items = load_heldout(banks, set(sp[split]), tasks, limit=limit, seed=seed)
+    if split == "unseen":
+        used = {lab for k in ("train", "val", "test") for lab in sp.get(k, [])}
+        items = load_heldout(banks, None, tasks, limit=limit, seed=seed, exclude=used)
+    else:
+        items = load_heldout(banks, set(sp[split]), tasks, limit=limit, seed=seed)
     if not items:
         raise MetaditError(f"no held-out diffs: none of {banks} has an entry with a {split} label for tasks {tasks}")
     ev = Evaluator(base_model, adapter, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed)
@@ -159,7 +165,7 @@ def evaluate(
         guess = BaseModelGuesser(ev)
     else:
         raise MetaditError(f"guesser must be base_model or llm, got {guesser!r}")
-    ctx = MethodContext(ev, guess, _train_labels(banks, set(sp["train"]), tasks), n_questions=n_questions, seed=seed)
+    ctx = MethodContext(ev, guess, _train_labels(list(sp["banks"]), set(sp["train"]), tasks), n_questions=n_questions, seed=seed)
 
     from rich.console import Console
 
