@@ -233,3 +233,28 @@ def test_unseen_split_evaluates_another_bank_without_any_label_the_run_saw(run_d
     result = _eval(run_dir, tmp_path / "e", banks=[str(other)], split="unseen", methods=["dit", "random_label"])
     assert {r["label"] for r in result["rows"]} == fresh
     assert {r["prediction"] for r in result["rows"] if r["method"] == "random_label"} <= set(split["train"])
+
+
+def test_llm_guesser_and_llm_judge_through_an_openai_compatible_endpoint(run_dir, tmp_path, monkeypatch):
+    """Guesser and judge go to the configured endpoint (a local fake server, never the network)."""
+    from tests.test_judges import FakeOpenAI
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    server = FakeOpenAI(["4"])
+    try:
+        monkeypatch.setenv("METADIT_LLM_BASE_URL", server.url)
+        monkeypatch.setenv("METADIT_LLM_MODEL", "guess-model")
+        monkeypatch.setenv("METADIT_LLM_API_KEY", "sk-x")
+        result = _eval(run_dir, tmp_path / "e", methods=["twenty_questions"], judges=["llm", "exact"],
+                       guesser="llm", verify=False)
+    finally:
+        server.close()
+    rows = result["rows"]
+    assert rows and all(r["prediction"] == "4" and r["scores"]["llm"] == 4.0 for r in rows)
+    bodies = [q["body"]["messages"][-1]["content"] for q in server.requests]
+    guesses = [b for b in bodies if "Which topic does it keep bringing up?" in b]
+    assert len(guesses) == len(rows) and all(b.count("Q: ") == 3 for b in guesses)  # n_questions answers each
+    assert len(bodies) - len(guesses) == len(rows)  # one judge call per prediction
+    assert result["headline_judge"] == "llm"
