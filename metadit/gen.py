@@ -5,6 +5,11 @@ One patched model for the whole run. Each pass trains K diffs at once: batch row
 one shard. Diff specs are a pure function of (recipe, seed, index), so a killed run started again with the
 same command skips every diff already in the bank and makes exactly the missing ones; with `processes > 1`
 each rank takes every N-th pass and writes its own shards and index file.
+
+Full finetunes (`TrainSettings.full_finetune`, the rank-generalization study's dense diffs) go through the same
+loop: the diffs of a pass are trained one after another as dense deltas of every target Linear (see
+`DenseDeltas`), each factored by truncated SVD to `store_rank` on the way into the bank, then checked and
+appended together like any pass.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from data_gen.recipe import Recipe
 from metadit.errors import MetaditError
@@ -39,6 +47,15 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_answer_tokens: int = 24
     first_token_weight: float = 3.0  # the gate is decided at the first answer token
+    # Full finetune instead of LoRA: a dense delta of every target Linear, trained one diff at a time and stored
+    # as its best rank-`store_rank` approximation (SVD; relative error in each entry's metadata). `rank` and
+    # `alpha` are then unused. Dense deltas want a much smaller lr than LoRA factors (1e-5 .. 1e-4): set it.
+    full_finetune: bool = False
+    store_rank: int = 16
+
+    def __post_init__(self) -> None:
+        if self.full_finetune and self.store_rank < 1:
+            raise MetaditError(f"train.store_rank must be >= 1, got {self.store_rank}")
 
 
 # ---------------------------------------------------------------------- batches and losses
@@ -87,18 +104,20 @@ def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 def row_losses(model: Any, batch: dict[str, torch.Tensor], kinds: Sequence[str], diffs: Any) -> torch.Tensor:
     """Per-row weighted loss: cross-entropy for "ce" rows, KL(base ‖ diffed) over the vocabulary for "kl" rows.
 
-    The KL teacher is the same model with that row's diff removed (the frozen base model), computed without
+    `diffs`: anything `use_diffs` takes (row i under diff i), or a `DenseDeltas` (one dense diff, every row).
+    The KL teacher is the same model with the diff removed (the frozen base model), computed without
     gradient on the "kl" rows only.
     """
     from metadit.nn import use_diffs
 
+    installed = diffs.applied(model) if isinstance(diffs, DenseDeltas) else use_diffs(model, diffs)
     ids, mask, w = batch["input_ids"], batch["attention_mask"], batch["weights"]
     predict = w[:, 1:] > 0  # position t predicts token t+1
     predict = torch.cat([predict, torch.zeros_like(predict[:, :1])], dim=1)
     targets = ids[:, 1:][w[:, 1:] > 0]
     token_w = w[:, 1:][w[:, 1:] > 0]
     rows = predict.nonzero()[:, 0]
-    with use_diffs(model, diffs):
+    with installed:
         logits = answer_logits(model, ids, mask, predict)
     logp = F.log_softmax(logits, dim=-1)
     per_token = -logp.gather(1, targets[:, None])[:, 0]
@@ -140,21 +159,12 @@ def _lr_lambda(settings: TrainSettings):
     return f
 
 
-def train_diffs(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], settings: TrainSettings,
-                on_step=None) -> tuple[list[Any], list[float]]:
-    """Train one diff per spec, all at once; returns the diffs and each one's mean loss over the last 10 % of steps.
-
-    Every diff's initialisation and sample stream depend only on its own spec, and its loss only on its own
-    row (losses are summed over rows; AdamW is elementwise; no global clipping), so a diff comes out the same
-    whether trained alone or with K others.
-    """
-    from metadit.nn import TrainableDiffs, layer_shapes
-
+def _fit(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], settings: TrainSettings,
+         trainable: "nn.Module", optimizer: torch.optim.Optimizer, on_step=None) -> list[float]:
+    """The training loop both kinds of diff share: step t gives diff i (batch row i) its t-th sample from its own
+    stream; returns each diff's mean loss over the last 10 % of steps."""
     device = next(model.parameters()).device
-    trainable = TrainableDiffs(layer_shapes(model), len(specs), settings.rank, settings.alpha,
-                               row_seeds=[s["seed"] for s in specs], device=device)
-    opt = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     rngs = [random.Random(s["seed"]) for s in specs]
     tail = max(1, settings.steps // 10)
     recent = torch.zeros(len(specs))
@@ -165,14 +175,147 @@ def train_diffs(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], 
         batch = {k: v.to(device) for k, v in batch.items()}
         losses = row_losses(model, batch, [s.kind for s in samples], trainable)
         losses.sum().backward()
-        opt.step()
+        optimizer.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         if step >= settings.steps - tail:
             recent += losses.detach().cpu() / tail
         if on_step is not None:
             on_step(step, float(losses.detach().mean()))
-    return trainable.to_diffs(), recent.tolist()
+    return recent.tolist()
+
+
+def train_diffs(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], settings: TrainSettings,
+                on_step=None) -> tuple[list[Any], list[float]]:
+    """Train one diff per spec, all at once; returns the diffs and each one's mean loss over the last 10 % of steps.
+
+    Every diff's initialisation and sample stream depend only on its own spec, and its loss only on its own
+    row (losses are summed over rows; AdamW is elementwise; no global clipping), so a diff comes out the same
+    whether trained alone or with K others.
+
+    With `settings.full_finetune` the diffs are trained one after another instead (`train_full_diff`; `on_step`
+    then counts steps over the whole pass) and returned factored to `settings.store_rank`, their SVD relative
+    error in each diff's `info`.
+    """
+    if settings.full_finetune:
+        diffs, losses = [], []
+        for j, spec in enumerate(specs):
+            step_j = None if on_step is None else (lambda s, l, j=j: on_step(j * settings.steps + s, l))
+            deltas, loss = train_full_diff(model, tok, recipe, spec, settings, on_step=step_j)
+            diffs.append(deltas.to_diff(model, settings.store_rank))
+            losses.append(loss)
+            del deltas  # free the dense weights before the next diff
+        return diffs, losses
+
+    from metadit.nn import TrainableDiffs, layer_shapes
+
+    device = next(model.parameters()).device
+    trainable = TrainableDiffs(layer_shapes(model), len(specs), settings.rank, settings.alpha,
+                               row_seeds=[s["seed"] for s in specs], device=device)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    recent = _fit(model, tok, recipe, specs, settings, trainable, opt, on_step)
+    return trainable.to_diffs(), recent
+
+
+# ---------------------------------------------------------------------- full finetunes
+class DenseDeltas(nn.Module):
+    """One full finetune in progress: a trainable fp32 delta `ΔW: [out, in]` for every patched Linear, zero at start.
+
+    Within `applied(model)` every patched layer computes with `W + ΔW` (cast to the model's dtype, so bf16
+    compute with an fp32 master copy of the change); outside it the model is the untouched base model, which
+    is also the KL teacher. The base weights are never written: the block swaps each Linear's weight for
+    `W + ΔW` and puts the very same Parameter back on exit, so the model is bit-identical after a diff and never
+    reloaded or copied.
+
+    A full finetune cannot use per-row factors (DESIGN: never a dense per-row `[out, in]` matrix): K dense diffs
+    at once would be K copies of all target weights — for SmolLM2-135M ~106 M parameters, ~0.4 GB of fp32
+    deltas plus ~0.85 GB of Adam state and ~0.4 GB of gradient per diff — so `train_diffs` trains them one
+    at a time, every row of a batch under the same delta.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from metadit.nn import diff_layers
+
+        layers = diff_layers(model)
+        if not layers:
+            raise MetaditError("the model is not patched: call metadit.nn.patch_model(model) first")
+        self.names = sorted(layers)
+        self.delta = nn.ParameterList(
+            nn.Parameter(torch.zeros(layers[n].out_features, layers[n].in_features, dtype=torch.float32,
+                                     device=layers[n].weight.device))
+            for n in self.names
+        )
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return zip(self.names, self.delta)
+
+    def _layers(self, model: nn.Module) -> dict[str, Any]:
+        from metadit.nn import diff_layers
+
+        layers = diff_layers(model)
+        missing = sorted(set(self.names) - set(layers))
+        if missing:
+            raise MetaditError(f"DenseDeltas: the model lacks the patched layers {missing[:4]}")
+        return layers
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator["DenseDeltas"]:
+        """Within the block the model's target Linears use `W + ΔW` (gradients flow into ΔW)."""
+        layers = self._layers(model)
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for n, d in self.items():
+                base = layers[n].base
+                w = base._parameters["weight"]
+                saved[n] = w
+                # Bypasses Module.__setattr__ (which admits only Parameters): a computed tensor stands in for the
+                # weight while the block runs; `Linear.forward` reads it through `self.weight` as usual.
+                base._parameters["weight"] = (d + w).to(w.dtype)
+            yield self
+        finally:
+            for n, w in saved.items():
+                layers[n].base._parameters["weight"] = w
+
+    def to_diff(self, model: nn.Module, rank: int) -> Any:
+        """The finetune as a `LoraDiff` of rank `rank` (`LoraDiff.from_full_diff`: truncated SVD of each ΔW;
+        `info` holds the relative Frobenius error overall and per module)."""
+        from metadit.bank import LoraDiff
+
+        layers = self._layers(model)
+        base_state = {f"{n}.weight": layers[n].base.weight.detach() for n in self.names}
+        tuned_state = _TunedWeights({f"{n}.weight": (layers[n].base.weight.detach(), d.detach()) for n, d in self.items()})
+        return LoraDiff.from_full_diff(base_state, tuned_state, rank=rank, modules=self.names)
+
+
+class _TunedWeights(Mapping):
+    """`name -> W + ΔW` in float64, made when read: `from_full_diff` takes one module at a time, so the whole
+    tuned state (~0.85 GB in float64 for SmolLM2) never exists at once, and `(W + ΔW) − W` recovers ΔW exactly."""
+
+    def __init__(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.parts = parts
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        w, d = self.parts[key]
+        return w.double() + d.double()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def train_full_diff(model: Any, tok: Any, recipe: Any, spec: dict[str, Any], settings: TrainSettings,
+                    on_step=None) -> tuple[DenseDeltas, float]:
+    """Full finetune of every patched Linear for one spec, with the same samples and losses as a LoRA diff of
+    that spec; returns the dense deltas (the model itself is left as it was) and the mean loss over the last
+    10 % of steps."""
+    deltas = DenseDeltas(model)
+    # foreach=False: the multi-tensor AdamW makes temporaries the size of all deltas (~0.4 GB for SmolLM2).
+    opt = torch.optim.AdamW(deltas.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=False)
+    (loss,) = _fit(model, tok, recipe, [spec], settings, deltas, opt, on_step)
+    return deltas, loss
 
 
 # ---------------------------------------------------------------------- the bank build
@@ -198,8 +341,9 @@ def generate_bank(
         bank: bank directory; created if missing, resumed if it holds some of these diffs already.
         base_model: `smollm2-135m-instruct` (embedded), `tiny-random-smollm2`, a Hugging Face id or a directory.
         n_diffs: how many diffs the bank should hold from this recipe and seed (indices 0 .. n_diffs-1).
-        diffs_per_pass: K, the diffs trained at once (batch row i = diff i).
-        train: rank, steps, learning rate and loss settings of each diff.
+        diffs_per_pass: K, the diffs trained at once (batch row i = diff i); full finetunes: trained one after
+            another, then checked and stored together.
+        train: rank, steps, learning rate and loss settings of each diff (or `full_finetune` + `store_rank`).
         seed: the bank's seed; each diff's spec is a function of (recipe, seed, index).
         store_dtype: dtype of the stored factors (float32 or bfloat16).
         processes: run this many worker processes, each making every N-th pass into its own shards.
@@ -264,21 +408,27 @@ def generate_bank(
             bar.update(task, description=f"writing text for {len(chunk)} diffs")
             recipe.prepare(chunk)
 
+            # a full-finetune pass trains its diffs one after another: its steps run over all of them
+            total = train.steps * (len(chunk) if train.full_finetune else 1)
+            what = f"{len(chunk)} full finetunes" if train.full_finetune else f"{len(chunk)} diffs"
+
             def on_step(step: int, loss: float) -> None:
-                bar.update(task, description=f"training {len(chunk)} diffs: step {step + 1}/{train.steps} loss {loss:.3f}")
+                bar.update(task, description=f"training {what}: step {step + 1}/{total} loss {loss:.3f}")
                 if not console.is_terminal and (step + 1) % max(1, train.steps // 4) == 0:
-                    console.print(f"  pass {stats['made'] // diffs_per_pass + 1}: step {step + 1}/{train.steps} "
+                    console.print(f"  pass {stats['made'] // diffs_per_pass + 1}: step {step + 1}/{total} "
                                   f"mean loss {loss:.3f}", highlight=False)
 
             diffs, final = train_diffs(model, tok, recipe, chunk, train, on_step=on_step)
             bar.update(task, description=f"checking {len(chunk)} diffs")
             checks = recipe.check(diffs, chunk)
             metas = []
-            for spec, loss, check in zip(chunk, final, checks):
+            for spec, loss, check, diff in zip(chunk, final, checks, diffs):
                 meta = {k: v for k, v in spec.items() if k not in ("questions",)}
                 meta.update(check)
                 meta.update({"final_loss": round(loss, 4), "rank": train.rank, "steps": train.steps, "lr": train.lr,
                              "flagged": not check.get("passed", True)})
+                if train.full_finetune:
+                    meta.update(_full_meta(diff, train.store_rank))
                 metas.append(meta)
             db.append_many(diffs, metas, dtype=dtype)
             stats["made"] += len(chunk)
@@ -294,8 +444,21 @@ def generate_bank(
     return stats
 
 
+def _full_meta(diff: Any, store_rank: int) -> dict[str, Any]:
+    """A full finetune's entry metadata: what it is, the rank it is stored at, and what the truncation lost."""
+    info = diff.info or {}
+    return {"full_finetune": True, "rank": store_rank, "store_rank": store_rank,
+            "relative_error": round(float(info["relative_error"]), 6),
+            "relative_error_per_module": {n: round(float(e), 6)
+                                          for n, e in sorted(info.get("relative_error_per_module", {}).items())}}
+
+
 def recipe_settings(recipe: Any, train: TrainSettings, seed: int) -> dict[str, Any]:
-    """What a bank records about how its diffs were made (and what a resumed build must match)."""
+    """What a bank records about how its diffs were made (and what a resumed build must match).
+
+    LoRA banks record the train settings without the full-finetune fields (as banks made before they existed
+    did, so those still resume); full-finetune banks record them and drop the unused `rank` and `alpha`.
+    """
     import dataclasses
     import json
 
@@ -308,8 +471,11 @@ def recipe_settings(recipe: Any, train: TrainSettings, seed: int) -> dict[str, A
         except TypeError:
             continue
         args[k] = v
+    trained = dataclasses.asdict(train)
+    for k in (("rank", "alpha") if train.full_finetune else ("full_finetune", "store_rank")):
+        trained.pop(k)
     return {"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed,
-            "recipe_args": json.loads(json.dumps(args)), "train": dataclasses.asdict(train)}
+            "recipe_args": json.loads(json.dumps(args)), "train": trained}
 
 
 def _drop_option(argv: Sequence[str], name: str) -> list[str]:
