@@ -1,7 +1,6 @@
 """`metadit`: one entry point. `fit|validate|test|predict` are LightningCLI subcommands; the rest are ours.
 
-Each subcommand is registered in `COMMANDS` with a function that adds its arguments and one that runs it;
-a subcommand that is not built yet says so and exits non-zero.
+Each subcommand is registered in `COMMANDS` with a function that adds its arguments and one that runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from metadit.errors import MetaditError
 class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-    run: Callable[[argparse.Namespace], int] | None = None  # None: not built yet
+    run: Callable[[argparse.Namespace], int] | None = None
     passthrough: bool = False  # hands its raw argv to another parser (LightningCLI)
 
 
@@ -34,11 +33,6 @@ def command(name: str, help: str, passthrough: bool = False):
             return run
         return attach
     return register
-
-
-def not_built(name: str, help: str, issue: int) -> None:
-    COMMANDS[name] = Command(f"{help} [not built yet: issue #{issue}]")
-    COMMANDS[name].issue = issue  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------- bank
@@ -281,17 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, add_help=not cmd.passthrough)
         if cmd.add_arguments is not None:
             cmd.add_arguments(p)
-        if cmd.run is None or cmd.passthrough:
+        if cmd.passthrough:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Unbuilt and passthrough subcommands take their argv as is, before our parser sees any option.
-    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].run is None:
-        print(f"metadit {argv[0]}: not built yet (issue #{getattr(COMMANDS[argv[0]], 'issue', '?')})", file=sys.stderr)
-        return 2
+    # Passthrough subcommands take their argv as is, before our parser sees any option.
     if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].passthrough:
         try:
             return int(COMMANDS[argv[0]].run(argv[1:]) or 0)  # type: ignore[arg-type]
