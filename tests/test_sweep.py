@@ -109,9 +109,9 @@ def test_every_shipped_sweep_config_parses_and_expands(tmp_path):
                 assert "{" not in " ".join(a for a in argv if not a.startswith("{\"")), (c, argv)
     assert {"data-scaling", "encoder-ablation", "rank-generalization", "ood-trigger", "cross-behavior",
             "trigger-inversion", "headline", "tiny"} <= set(studies)
-    assert [c.name for c in studies["data-scaling"].cells] == ["n8", "n16", "n32", "n64", "all"]
+    assert [c.name for c in studies["data-scaling"].cells] == ["all", "n8", "n16", "n32"]
     assert [c.name for c in studies["rank-generalization"].cells] == \
-        ["train", "rank1", "rank2", "rank4", "rank8", "rank16", "rankfull"]
+        ["rank1", "rank2", "rank4", "rank8", "rank16", "rankfull"]
     assert [c.name for c in studies["encoder-ablation"].cells] == ["dit", "encoder", "dit+encoder"]
     assert [s.command for s in studies["encoder-ablation"].cells[2].steps] == ["fit", "test"]
 
