@@ -234,7 +234,8 @@ def assign_x(study: str, entries: list[Entry], cells: dict[str, Any]) -> None:
     for e in entries:
         v = e.params.get("value", e.params.get("x"))
         if study == "data-scaling" and not _is_number(v):
-            n = (cells.get(e.cell, {}).get("split") or {}).get("train")
+            # the cell's own fit, else the evaluated run's training labels (a cell that evaluates another fit)
+            n = (cells.get(e.cell, {}).get("split") or {}).get("train") or (e.meta.get("config") or {}).get("train_labels")
             if n:
                 e.x, e.x_label = n, f"{n} ({v if v is not None else 'all'})"
                 continue

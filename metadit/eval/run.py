@@ -148,7 +148,7 @@ def evaluate(
     config = {"run": run, "adapter": adapter, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
-              "trigger_search_diffs": trigger_search_diffs, "seed": seed}
+              "trigger_search_diffs": trigger_search_diffs, "seed": seed, "train_labels": len(sp["train"])}
     if split == "unseen":
         used = {lab for k in ("train", "val", "test") for lab in sp.get(k, [])}
         items = load_heldout(banks, None, tasks, limit=limit, seed=seed, exclude=used)
@@ -172,7 +172,7 @@ def evaluate(
     console = Console(stderr=True)
     saved = out_dir / "methods"
     key = _fingerprint({k: v for k, v in config.items()
-                        if k not in ("methods", "judges", "verify", "trigger_search", "trigger_search_diffs")})
+                        if k not in ("methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "train_labels")})
     rows: list[dict[str, Any]] = []
     for name in methods:
         method = get_method(name)
