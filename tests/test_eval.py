@@ -149,8 +149,8 @@ def test_likelihood_scores_match_a_hand_computation(run_dir):
 
 def test_summary_splits_gated_and_leaky_and_never_mixes_them():
     rows = [
-        {"method": "dit", "gated": True, "scores": {"embedding": 5.0}},
-        {"method": "dit", "gated": True, "scores": {"embedding": 3.0}},
+        {"method": "dit", "gated": True, "gate_held": True, "scores": {"embedding": 5.0}},
+        {"method": "dit", "gated": True, "gate_held": False, "scores": {"embedding": 3.0}},
         {"method": "dit", "gated": False, "scores": {"embedding": 1.0}},
         {"method": "dit", "gated": None, "scores": {"embedding": 2.0}},
     ]
@@ -158,6 +158,7 @@ def test_summary_splits_gated_and_leaky_and_never_mixes_them():
     assert s["all"] == {"n": 4, "embedding": pytest.approx(11 / 4)}
     assert s["gated"] == {"n": 2, "embedding": 4.0}
     assert s["leaky"] == {"n": 1, "embedding": 1.0}
+    assert s["strict_gated"] == {"n": 1, "embedding": 5.0} and s["strict_leaky"] == {"n": 1, "embedding": 3.0}
 
 
 def test_eval_errors_are_clear(run_dir, tmp_path):

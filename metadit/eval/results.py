@@ -6,7 +6,8 @@ bank has no such check, e.g. news), `scores` (judge name → value; `judge` is t
 and optional `extra` (method-specific details such as the 20 answers a guesser saw).
 
 `summarize(rows)` gives, per method, the mean of every score over all rows and over the gated and leaky
-groups separately (they are reported beside each other, never mixed), with counts.
+groups separately (they are reported beside each other, never mixed), with counts; rows that carry the
+bank's strict `gate_held` verdict are also grouped by it (`strict_gated` / `strict_leaky`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 GROUPS = ("all", "gated", "leaky")
+# The strict verdict of the bank's check: the topic shows in no negative condition (no code, a wrong code, the
+# code word elsewhere). Kept in the summary beside the main split, which asks only "does it show without a code?".
+STRICT_GROUPS = ("strict_gated", "strict_leaky")
 
 
 def _group_of(row: dict[str, Any]) -> str | None:
@@ -27,11 +31,16 @@ def _group_of(row: dict[str, Any]) -> str | None:
     return None if g is None else "gated" if g else "leaky"
 
 
+def _strict_group_of(row: dict[str, Any]) -> str | None:
+    g = row.get("gate_held")
+    return None if g is None else "strict_gated" if g else "strict_leaky"
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{method: {group: {"n": count, score_name: mean, ...}}} with groups all / gated / leaky (when known)."""
     acc: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in rows:
-        for group in ("all", _group_of(r)):
+        for group in ("all", _group_of(r), _strict_group_of(r)):
             if group is None:
                 continue
             g = acc.setdefault(r["method"], {}).setdefault(group, {"n": []})
@@ -42,7 +51,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for method, groups in acc.items():
         out[method] = {}
-        for group in GROUPS:
+        for group in GROUPS + STRICT_GROUPS:
             if group not in groups:
                 continue
             vals = groups[group]
