@@ -356,7 +356,7 @@ def generate_bank(
 
     console = Console(stderr=True)
     if processes > 1 and world_size == 1:
-        return _spawn(processes, bank, base_model)
+        return _spawn(processes, bank, base_model, recipe_settings(recipe, train, seed))
     if threads or world_size > 1:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world_size))
     torch.manual_seed(seed)
@@ -490,12 +490,13 @@ def _drop_option(argv: Sequence[str], name: str) -> list[str]:
     return out
 
 
-def _spawn(processes: int, bank: str, base_model: str) -> dict[str, Any]:
+def _spawn(processes: int, bank: str, base_model: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Run `processes` copies of this very command, each with --rank/--world_size, and wait for them all."""
     from metadit.bank import DiffBank, identity_of
 
-    # Create the bank (and materialize the model cache) once, before the workers race for it.
-    DiffBank.create(bank, base_model=identity_of(base_model), exist_ok=True)
+    # Create the bank (and materialize the model cache) once, before the workers race for it, with the
+    # recipe and training settings recorded, so a later resume with other settings is refused as usual.
+    DiffBank.create(bank, base_model=identity_of(base_model), exist_ok=True, info=settings)
     argv = _drop_option(sys.argv[1:], "--processes")
     threads = max(1, (os.cpu_count() or 2) // processes)
     procs = [

@@ -153,6 +153,7 @@ def test_two_process_generation_matches_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     bank2 = DiffBank.open(tmp_path / "two")
     assert sorted(bank2.summary()["writers"]) == ["rank0", "rank1"]
+    assert bank2.header["info"]["train"]["steps"] and bank2.header["info"]["recipe_args"]  # settings recorded
     assert sorted(bank2.meta(i)["key"] for i in range(len(bank2))) == sorted(f"hidden_topic-{i}" for i in range(8))
     one = subprocess.run(_gen_cmd(tmp_path / "one", "--n_diffs", "8"), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
