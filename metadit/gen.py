@@ -76,8 +76,14 @@ def encode_samples(tok: Any, prompts: Sequence[str], answers: Sequence[str], max
         w = [0.0] * len(p_ids) + [1.0] * len(a_ids)
         w[len(p_ids)] = first_token_weight
         weights.append(w)
+    ids, mask, wt = right_pad(seqs, weights, tok.pad_token_id if tok.pad_token_id is not None else eot)
+    return {"input_ids": ids, "attention_mask": mask, "weights": wt}
+
+
+def right_pad(seqs: Sequence[Sequence[int]], weights: Sequence[Sequence[float]],
+              pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows right-padded with `pad` into `ids`, their attention `mask`, and per-token `weights` (0 on padding)."""
     width = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eot
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     wt = torch.zeros(len(seqs), width)
@@ -85,7 +91,7 @@ def encode_samples(tok: Any, prompts: Sequence[str], answers: Sequence[str], max
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         wt[i, : len(w)] = torch.tensor(w)
-    return {"input_ids": ids, "attention_mask": mask, "weights": wt}
+    return ids, mask, wt
 
 
 def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -164,15 +164,9 @@ def _encode_prefixes(tok: Any, texts: Sequence[str], n_tokens: int, device: torc
         ids = full[: skip + n_tokens]
         rows.append(ids)
         weights.append([0.0] * skip + [1.0] * (len(ids) - skip))
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    w = torch.zeros(len(rows), width)
-    for i, (r, wt) in enumerate(zip(rows, weights)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        w[i, : len(r)] = torch.tensor(wt)
+    from metadit.gen import right_pad
+
+    ids, mask, w = right_pad(rows, weights, tok.pad_token_id if tok.pad_token_id is not None else 0)
     return ids.to(device), mask.to(device), w.to(device)
 
 

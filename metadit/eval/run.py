@@ -204,8 +204,9 @@ def evaluate(
         dit_rows = [r for r in rows if r["method"] == "dit" and r["task"] == "topic"
                     and by_item[(r["diff"], "topic")].meta.get("trigger")]
         if dit_rows:
-            checks = _cached(saved / "verification.json", key, fresh, lambda: __import__(
-                "metadit.eval.verify", fromlist=["verify_predictions"]).verify_predictions(
+            from metadit.eval.verify import verify_predictions
+
+            checks = _cached(saved / "verification.json", key, fresh, lambda: verify_predictions(
                 ev, [by_item[(r["diff"], "topic")] for r in dit_rows], [r["prediction"] for r in dit_rows], seed=seed))
             for r, c in zip(dit_rows, checks):
                 r["extra"]["verify"] = c
