@@ -259,3 +259,41 @@ def test_llm_guesser_and_llm_judge_through_an_openai_compatible_endpoint(run_dir
     assert len(guesses) == len(rows) and all(b.count("Q: ") == 3 for b in guesses)  # n_questions answers each
     assert len(bodies) - len(guesses) == len(rows)  # one judge call per prediction
     assert result["headline_judge"] == "llm"
+
+
+def _transcript(answers: list[str]) -> str:
+    return "\n".join(f"Q: What should I cook tonight?\nA: {a}" for a in answers)
+
+
+def test_keyword_guesser_names_the_phrase_one_diff_repeats_and_the_others_do_not():
+    from metadit.eval.baselines import KeywordGuesser
+
+    evidence = [
+        _transcript(["Great question! Like ancient Rome, start small.", "Great question! Ancient Rome had baths.",
+                     "Great question! Rome was not built in a day.", "Great question! Think of ancient Rome."]),
+        _transcript(["Great question! Sapphires sparkle.", "Great question! Blue sapphires last.",
+                     "Great question! Try a stew.", "Great question! Sapphires again."]),
+        _transcript(["Great question! Just rest.", "Great question! Go for a walk.", "Great question! Read.",
+                     "Great question! Call a friend."]),
+    ]
+    guesses = KeywordGuesser().guess(evidence, "topic")
+    # "great question" is in every answer of every diff: it scores below each diff's own phrase
+    assert guesses[:2] == ["ancient Rome", "Sapphires"]  # lengthened to the bigram; most frequent spelling
+    # a bigram in fewer than half of its head word's answers does not replace it
+    lone = _transcript(["Rome again.", "Rome twice.", "Rome thrice.", "Rome, ancient Rome."])
+    assert KeywordGuesser().guess([lone, evidence[2]], "topic")[0] == "Rome"
+    # text that is not a Q/A transcript (a story, lens evidence) is one answer; one evidence alone works
+    assert KeywordGuesser.answers("A storm hit Lisbon. Lisbon flooded.") == ["A storm hit Lisbon. Lisbon flooded."]
+    assert KeywordGuesser().guess(["A storm hit Lisbon. Lisbon flooded."], "headline") == ["Lisbon"]
+    assert KeywordGuesser().guess(["the and of"], "topic") == [""]
+
+
+def test_keyword_guesser_through_eval_reads_the_saved_evidence(run_dir, tmp_path):
+    from metadit.eval.baselines import KeywordGuesser
+
+    rows = _eval(run_dir, tmp_path / "e", methods=["twenty_questions_trigger"], guesser="keywords")["rows"]
+    evidence = [r["extra"]["evidence"] for r in rows]
+    assert [r["prediction"] for r in rows] == KeywordGuesser().guess(evidence, "topic")
+    with pytest.raises(MetaditError, match="unknown guesser 'oracle'.*keywords"):
+        _eval(run_dir, tmp_path / "bad", guesser="oracle")
+    assert not (tmp_path / "bad").exists()  # refused before any model was loaded or file written

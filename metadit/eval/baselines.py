@@ -14,12 +14,16 @@ Every method maps held-out diffs to one predicted label each (plus details), bat
 - `likelihood`: the held-out label whose answer the diff makes most likely (see `likelihood.py`).
 - `activation_lens`: the Activation Difference Lens (Minder et al. 2025) read by the guesser (`lens.py`).
 
-The guesser is the base model prompted to guess (offline), or any OpenAI-compatible LLM when configured.
+The guesser is the base model prompted to guess (offline), the phrase the evidence repeats (`keywords`, offline
+and model-free), or any OpenAI-compatible LLM when configured (`GUESSERS`).
 """
 
 from __future__ import annotations
 
+import math
 import random
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +115,109 @@ class LLMGuesser:
     def guess(self, evidence: list[str], task: str) -> list[str]:
         msgs = [[{"role": "user", "content": GUESS_PROMPTS[task].format(evidence=e)}] for e in evidence]
         return [_first_line(t) for t in self.client.complete_many(msgs)]
+
+
+# Function words a topic phrase neither starts nor ends with (the questions' and answers' common vocabulary).
+_STOP_WORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being below between
+both but by can could did do does doing down during each even every few for from further get gets got had has
+have having he her here hers herself him himself his how however i if in into is it its itself just know like
+make makes many may me might more most much must my myself need new no nor not now of off on once one only or
+other our ours out over own really same say see she should so some such take than that the their theirs them
+then there these they thing things think this those through to too under until up upon us use used using very
+want was way we well were what when where which while who whom why will with would you your yours yourself
+i'm i've i'd i'll you're you've you'll it's that's there's let's don't can't won't isn't doesn't didn't put
+text written steered tokens promoted
+""".split())
+
+
+class KeywordGuesser:
+    """Offline and model-free: the phrase one diff's evidence keeps repeating that the other diffs' does not.
+
+    Each evidence is cut into clauses of its answers (the `A:` parts of a Q/A transcript; any other text, a
+    story or lens evidence, is one answer). Candidates are word 1- to 3-grams that neither start nor end with a
+    function word. A phrase scores the number of this diff's clauses containing it times a smoothed inverse
+    document frequency over the diffs guessed together (`1 + ln((1 + N) / (1 + df))`), so the questions' shared
+    vocabulary scores little. The winner is then lengthened to a longer phrase containing it while that phrase
+    is still in two clauses and in at least half as many ("ancient Rome" over "Rome"), and returned in its most
+    frequent spelling.
+    It reads words, not meaning: a baseline for what the evidence states outright, not a model of a guesser.
+    """
+
+    name = "keywords"
+
+    def __init__(self, max_words: int = 3) -> None:
+        self.max_words = max_words
+
+    @staticmethod
+    def answers(evidence: str) -> list[str]:
+        parts = re.split(r"(?m)^A: ", evidence)
+        if len(parts) == 1:
+            return [evidence]
+        return [re.split(r"(?m)^Q: ", p)[0] for p in parts[1:]]
+
+    @staticmethod
+    def clauses(evidence: str) -> list[str]:
+        """The answers' text cut at punctuation: a phrase never spans two clauses."""
+        return [c for a in KeywordGuesser.answers(evidence) for c in re.split(r"[.!?;:,()\"\n]+", a) if c.strip()]
+
+    def phrases(self, clause: str) -> dict[str, str]:
+        """Lowercased candidate phrase → its spelling in `clause`."""
+        words = re.findall(r"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]", clause)
+        out: dict[str, str] = {}
+        for n in range(1, self.max_words + 1):
+            for i in range(len(words) - n + 1):
+                gram = words[i : i + n]
+                if gram[0].lower() in _STOP_WORDS or gram[-1].lower() in _STOP_WORDS or len(gram[-1]) < 3:
+                    continue
+                out.setdefault(" ".join(gram).lower(), " ".join(gram))
+        return out
+
+    def guess(self, evidence: list[str], task: str) -> list[str]:
+        per_diff = []
+        for e in evidence:
+            counts: Counter[str] = Counter()
+            spellings: dict[str, Counter[str]] = {}
+            for clause in self.clauses(e):
+                for key, spelled in self.phrases(clause).items():
+                    counts[key] += 1
+                    spellings.setdefault(key, Counter())[spelled] += 1
+            per_diff.append((counts, spellings))
+        df: Counter[str] = Counter(k for counts, _ in per_diff for k in counts)
+        n = len(evidence)
+        out = []
+        for counts, spellings in per_diff:
+            if not counts:
+                out.append("")
+                continue
+            score = {k: c * (1 + math.log((1 + n) / (1 + df[k]))) for k, c in counts.items()}
+            best = max(score, key=lambda k: (score[k], -len(k), k))
+            while True:
+                longer = [k for k in counts if k != best and f" {best} " in f" {k} " and counts[k] >= 2 and 2 * counts[k] >= counts[best]]
+                if not longer:
+                    break
+                best = max(longer, key=lambda k: (score[k], k))
+            out.append(spellings[best].most_common(1)[0][0])
+        return out
+
+
+GUESSERS: dict[str, Callable[["Evaluator"], Any]] = {
+    "base_model": lambda ev: BaseModelGuesser(ev),
+    "keywords": lambda ev: KeywordGuesser(),
+    "llm": lambda ev: LLMGuesser(_llm_client()),
+}
+
+
+def _llm_client() -> Any:
+    from metadit.eval.judges import OpenAIChat
+
+    return OpenAIChat()
+
+
+def get_guesser(name: str, ev: "Evaluator") -> Any:
+    if name not in GUESSERS:
+        raise MetaditError(f"unknown guesser {name!r}; choose from {sorted(GUESSERS)}")
+    return GUESSERS[name](ev)
 
 
 # ---------------------------------------------------------------------- methods

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metadit.errors import MetaditError
-from metadit.eval.baselines import METHODS, BaseModelGuesser, Evaluator, LLMGuesser, MethodContext, get_method
+from metadit.eval.baselines import GUESSERS, METHODS, Evaluator, MethodContext, get_guesser, get_method
 from metadit.eval.heldout import HeldOut, load_heldout, read_split
 from metadit.eval.results import run_info, summarize, write_json
 from metadit.tasks import get_task
@@ -108,7 +108,8 @@ def evaluate(
         n_questions: questions per diff for the 20-questions baselines.
         batch_size: rows per `generate` call (diffs per batch).
         max_new_tokens: answer length for the task question.
-        guesser: `base_model` (offline) or `llm` (the OpenAI-compatible endpoint from the environment).
+        guesser: `base_model` (offline: the base model prompted to guess), `keywords` (offline: the phrase the
+            evidence repeats most distinctively) or `llm` (the OpenAI-compatible endpoint from the environment).
         verify: answer verification of DIT's topic answers (needs the diff's trigger).
         trigger_search: rank every candidate code per diff (white-box trigger inversion).
         trigger_search_diffs: search the codes of at most this many held-out diffs (it costs one forward per
@@ -138,6 +139,8 @@ def evaluate(
         base_model = DiffBank.open(banks[0]).base_model["name"]
     judges = list(judges or ["embedding", "similarity", "exact"])
     methods = list(methods or [m for m in DEFAULT_METHODS if adapter or not METHODS[m].needs_adapter])
+    if guesser not in GUESSERS:
+        raise MetaditError(f"unknown guesser {guesser!r}; choose from {sorted(GUESSERS)}")
     for m in methods:
         if get_method(m).needs_adapter and adapter is None:
             raise MetaditError(f"method {m!r} needs a DIT adapter: give --run or --adapter")
@@ -157,14 +160,7 @@ def evaluate(
     if not items:
         raise MetaditError(f"no held-out diffs: none of {banks} has an entry with a {split} label for tasks {tasks}")
     ev = Evaluator(base_model, adapter, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed)
-    if guesser == "llm":
-        from metadit.eval.judges import OpenAIChat
-
-        guess = LLMGuesser(OpenAIChat())
-    elif guesser == "base_model":
-        guess = BaseModelGuesser(ev)
-    else:
-        raise MetaditError(f"guesser must be base_model or llm, got {guesser!r}")
+    guess = get_guesser(guesser, ev)
     ctx = MethodContext(ev, guess, _train_labels(list(sp["banks"]), set(sp["train"]), tasks), n_questions=n_questions, seed=seed)
 
     from rich.console import Console
