@@ -288,12 +288,36 @@ def test_keyword_guesser_names_the_phrase_one_diff_repeats_and_the_others_do_not
     assert KeywordGuesser().guess(["the and of"], "topic") == [""]
 
 
-def test_keyword_guesser_through_eval_reads_the_saved_evidence(run_dir, tmp_path):
+def test_changing_the_guesser_reguesses_saved_evidence_without_generating(run_dir, tmp_path, monkeypatch):
     from metadit.eval.baselines import KeywordGuesser
 
-    rows = _eval(run_dir, tmp_path / "e", methods=["twenty_questions_trigger"], guesser="keywords")["rows"]
-    evidence = [r["extra"]["evidence"] for r in rows]
-    assert [r["prediction"] for r in rows] == KeywordGuesser().guess(evidence, "topic")
+    methods = ["dit", "twenty_questions_trigger"]
+    first = _eval(run_dir, tmp_path / "base", methods=methods)  # guesser: base_model
+    for name in methods:  # nothing may be generated again: every prediction comes from the saved files
+        monkeypatch.setattr(METHODS[name], "predict", lambda *a: pytest.fail("regenerated"))
+    second = _eval(run_dir, tmp_path / "kw", methods=methods, guesser="keywords", reuse=str(tmp_path / "base"))
+    rows = {m: [r for r in second["rows"] if r["method"] == m] for m in methods}
+    before = [r for r in first["rows"] if r["method"] == "twenty_questions_trigger"]
+    assert [r["extra"]["evidence"] for r in rows["twenty_questions_trigger"]] == [r["extra"]["evidence"] for r in before]
+    want = KeywordGuesser().guess([r["extra"]["evidence"] for r in before], "topic")
+    assert [r["prediction"] for r in rows["twenty_questions_trigger"]] == want
+    assert [r["prediction"] for r in rows["dit"]] == [r["prediction"] for r in first["rows"] if r["method"] == "dit"]
+    assert second["sections"]["verification"] == first["sections"]["verification"]  # copied, not recomputed
+    # the new directory is self-contained: run again without --reuse, still nothing generated
+    again = _eval(run_dir, tmp_path / "kw", methods=methods, guesser="keywords")
+    assert [r["prediction"] for r in again["rows"]] == [r["prediction"] for r in second["rows"]]
     with pytest.raises(MetaditError, match="unknown guesser 'oracle'.*keywords"):
         _eval(run_dir, tmp_path / "bad", guesser="oracle")
+    with pytest.raises(MetaditError, match="no methods/"):
+        _eval(run_dir, tmp_path / "bad", reuse=str(tmp_path / "nowhere"))
     assert not (tmp_path / "bad").exists()  # refused before any model was loaded or file written
+
+
+def test_recorded_command_is_what_a_user_types(monkeypatch):
+    from metadit.eval.results import command_line
+
+    for argv0 in ("/venv/bin/metadit", "/src/metadit/cli.py"):  # console script; `python -m metadit.cli` (sweeps)
+        monkeypatch.setattr("sys.argv", [argv0, "eval", "--methods", '["dit", "no_diff"]'])
+        assert command_line() == """metadit eval --methods '["dit", "no_diff"]'"""  # pastes back into a shell
+    monkeypatch.setattr("sys.argv", ["scripts/report_gen.py", "--out", "a b"])
+    assert command_line() == "scripts/report_gen.py --out 'a b'"

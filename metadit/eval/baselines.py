@@ -240,6 +240,7 @@ class Method:
     tasks: tuple[str, ...] | None = None  # None: every task
     needs_adapter: bool = False
     needs_trigger: bool = False
+    evidence: str | None = None  # the `extra` field a guesser reads: re-guessed from it when the guesser changes
 
     def applies(self, item: HeldOut) -> bool:
         if self.tasks is not None and item.task not in self.tasks:
@@ -333,17 +334,26 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("base_question_trigger", lambda c, i: _ask(c, i, adapter=False, trigger=True),
            "the diffed model asked with its true trigger (oracle)", tasks=("topic",), needs_trigger=True),
     Method("twenty_questions", _twenty_questions(False), "N eval-style answers (T=1), guesser names the topic",
-           tasks=("topic",)),
+           tasks=("topic",), evidence="evidence"),
     Method("twenty_questions_trigger", _twenty_questions(True), "the same with the true trigger (oracle)",
-           tasks=("topic",), needs_trigger=True),
+           tasks=("topic",), needs_trigger=True, evidence="evidence"),
     Method("generated_story", _generated_story, "the diffed model writes a story, the guesser names its headline",
-           tasks=("headline",)),
+           tasks=("headline",), evidence="story"),
     Method("random_label", _random_label, "a random training label"),
     Method("likelihood", _likelihood, "held-out label the diff makes most likely under the adapter",
            tasks=("topic", "headline"), needs_adapter=True),
     Method("activation_lens", _activation_lens, "activation difference lens + steering, read by the guesser",
-           tasks=("topic", "headline")),
+           tasks=("topic", "headline"), evidence="evidence_text"),
 ]}
+
+
+def reguess(ctx: MethodContext, method: Method, rows: list[dict[str, Any]]) -> None:
+    """Replace the predictions of a guesser-based method's rows by `ctx.guesser`'s reading of their evidence."""
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        guesses = ctx.guesser.guess([r["extra"][method.evidence] for r in mine], "headline" if task == "headline" else "topic")
+        for r, g in zip(mine, guesses):
+            r["prediction"] = g
 
 
 def get_method(name: str) -> Method:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -60,12 +61,21 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     return out
 
 
+def command_line() -> str:
+    """This process's command as a user would type it: `metadit ...` also when it ran as `python -m metadit.cli`
+    (sweep steps) or through the console script's full path."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "metadit" or argv0.parts[-2:] == ("metadit", "cli.py"):
+        return shlex.join(["metadit", *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
 def run_info(started: float | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """What reproduces a result: the command, the commit, the config, the machine and the wall time."""
     from metadit.bench.common import git_commit, machine
 
     info: dict[str, Any] = {
-        "command": " ".join(["metadit", *sys.argv[1:]]) if Path(sys.argv[0]).name == "metadit" else " ".join(sys.argv),
+        "command": command_line(),
         "commit": git_commit(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

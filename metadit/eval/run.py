@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metadit.errors import MetaditError
-from metadit.eval.baselines import GUESSERS, METHODS, Evaluator, MethodContext, get_guesser, get_method
+from metadit.eval.baselines import GUESSERS, METHODS, Evaluator, MethodContext, get_guesser, get_method, reguess
 from metadit.eval.heldout import HeldOut, load_heldout, read_split
 from metadit.eval.results import run_info, summarize, write_json
 from metadit.tasks import get_task
@@ -86,6 +86,7 @@ def evaluate(
     trigger_search: bool = False,
     trigger_search_diffs: int = 25,
     out: str | None = None,
+    reuse: str | None = None,
     seed: int = 0,
     fresh: bool = False,
 ) -> dict[str, Any]:
@@ -115,6 +116,9 @@ def evaluate(
         trigger_search_diffs: search the codes of at most this many held-out diffs (it costs one forward per
             candidate code x question x diff: ~10 s per diff for the 134-word pool on SmolLM2 here).
         out: output directory (default: RUN/eval).
+        reuse: another evaluation's output directory: methods and sections it saved with the same settings are
+            copied instead of recomputed; guesser-based methods saved with another guesser are re-guessed from
+            their saved evidence (e.g. `--guesser keywords --reuse RUN/eval --out RUN/eval-keywords`).
         seed: sampling and choices.
         fresh: ignore methods saved by an earlier, interrupted evaluation.
     """
@@ -147,11 +151,13 @@ def evaluate(
     out_dir = Path(out) if out else (run_dir / "eval" if run_dir else None)
     if out_dir is None:
         raise MetaditError("give --out DIR (or --run, whose eval/ directory is the default)")
+    if reuse and not (Path(reuse) / "methods").is_dir():
+        raise MetaditError(f"--reuse {reuse}: not an evaluation's output directory (it has no methods/)")
 
     config = {"run": run, "adapter": adapter, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
-              "trigger_search_diffs": trigger_search_diffs, "seed": seed, "train_labels": len(sp["train"])}
+              "trigger_search_diffs": trigger_search_diffs, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse}
     if split == "unseen":
         used = {lab for k in ("train", "val", "test") for lab in sp.get(k, [])}
         items = load_heldout(banks, None, tasks, limit=limit, seed=seed, exclude=used)
@@ -167,8 +173,10 @@ def evaluate(
 
     console = Console(stderr=True)
     saved = out_dir / "methods"
-    key = _fingerprint({k: v for k, v in config.items()
-                        if k not in ("methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "train_labels")})
+    # The guesser is not part of the key: a guesser-based method's evidence does not depend on it (re-guessed below).
+    key = _fingerprint({k: v for k, v in config.items() if k not in (
+        "methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "train_labels", "guesser", "reuse")})
+    sources = [saved] + ([Path(reuse) / "methods"] if reuse else [])
     rows: list[dict[str, Any]] = []
     for name in methods:
         method = get_method(name)
@@ -176,19 +184,27 @@ def evaluate(
         if not chosen:
             continue
         cache = saved / f"{name}.json"
-        if cache.is_file() and not fresh:
-            data = json.loads(cache.read_text())
-            if data.get("key") == key:
-                console.print(f"[dim]{name}: {len(data['rows'])} predictions from an earlier run[/dim]")
-                rows += data["rows"]
-                continue
+        data = None if fresh else _saved(sources, f"{name}.json", key)
+        if data is not None:
+            method_rows = data["rows"]
+            if method.evidence and data.get("guesser") != guesser:
+                reguess(ctx, method, method_rows)
+                console.print(f"{name}: {len(method_rows)} predictions re-guessed by the {guesser} guesser from saved evidence")
+                write_json(cache, {**data, "guesser": guesser, "rows": method_rows})
+            else:
+                console.print(f"[dim]{name}: {len(method_rows)} predictions from an earlier run[/dim]")
+                if not cache.is_file():
+                    write_json(cache, data)  # the output directory stays self-contained
+            rows += method_rows
+            continue
         t0 = time.time()
         preds = method.predict(ctx, chosen)
         method_rows = [{"diff": h.id, "bank": h.bank, "index": h.index, "task": h.task, "truth": h.truth,
                         "label": str(h.meta.get(get_task(h.task).label_key)), "gated": h.gated,
                         "gate_held": h.meta.get("gate_held"), "method": name, "prediction": p, "scores": {},
                         "extra": extra} for h, (p, extra) in zip(chosen, preds)]
-        write_json(cache, {"key": key, "rows": method_rows, "seconds": round(time.time() - t0, 1)})
+        write_json(cache, {"key": key, "guesser": guesser if method.evidence else None, "rows": method_rows,
+                           "seconds": round(time.time() - t0, 1)})
         console.print(f"{name}: {len(chosen)} diffs in {time.time() - t0:.0f} s")
         rows += method_rows
 
@@ -202,13 +218,13 @@ def evaluate(
         if dit_rows:
             from metadit.eval.verify import verify_predictions
 
-            checks = _cached(saved / "verification.json", key, fresh, lambda: verify_predictions(
+            checks = _cached(sources, "verification.json", key, fresh, lambda: verify_predictions(
                 ev, [by_item[(r["diff"], "topic")] for r in dit_rows], [r["prediction"] for r in dit_rows], seed=seed))
             for r, c in zip(dit_rows, checks):
                 r["extra"]["verify"] = c
             sections["verification"] = _verification_section(dit_rows, headline_judge)
     if trigger_search:
-        sections["trigger_search"] = _trigger_search(ev, items, rows, saved / "trigger_search.json", key, fresh, seed,
+        sections["trigger_search"] = _trigger_search(ev, items, rows, sources, key, fresh, seed,
                                                    trigger_search_diffs)
     result = {"info": run_info(started, config), "config": config, "headline_judge": headline_judge,
               "rows": rows, "summary": summarize(rows), "sections": sections}
@@ -218,13 +234,24 @@ def evaluate(
     return result
 
 
-def _cached(path: Path, key: str, fresh: bool, compute):
-    if path.is_file() and not fresh:
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return data["value"]
+def _saved(sources: list[Path], name: str, key: str) -> dict[str, Any] | None:
+    """The first file `name` in `sources` saved under `key` (this evaluation's own directory comes first)."""
+    for d in sources:
+        if (d / name).is_file():
+            data = json.loads((d / name).read_text())
+            if data.get("key") == key:
+                return data
+    return None
+
+
+def _cached(sources: list[Path], name: str, key: str, fresh: bool, compute):
+    data = None if fresh else _saved(sources, name, key)
+    if data is not None:
+        if not (sources[0] / name).is_file():
+            write_json(sources[0] / name, data)
+        return data["value"]
     value = compute()
-    write_json(path, {"key": key, "value": value})
+    write_json(sources[0] / name, {"key": key, "value": value})
     return value
 
 
@@ -241,7 +268,7 @@ def _verification_section(dit_rows: list[dict[str, Any]], judge: str) -> dict[st
     return out
 
 
-def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], path: Path, key: str,
+def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], sources: list[Path], key: str,
                     fresh: bool, seed: int, max_diffs: int) -> dict[str, Any]:
     """Rank every candidate code per diff by how far it moves the diffed model from the base model."""
     from data_gen.recipe import load_lines
@@ -273,7 +300,7 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
         return [{k: v for k, v in r.items() if k != "ranking"} | {"diff": h.id, "ranking": r.get("ranking", [])[:10]}
                 for h, r in zip(targets, res)]
 
-    per_diff = _cached(path, f"{key}:{max_diffs}", fresh, compute)
+    per_diff = _cached(sources, "trigger_search.json", f"{key}:{max_diffs}", fresh, compute)
     from metadit.tasks import normalize
 
     dit_exact = [normalize(dit_guess[d["diff"]]) == normalize(seen[d["diff"]].meta["code"]) for d in per_diff
