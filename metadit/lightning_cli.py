@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -20,6 +21,13 @@ class DITCLI(LightningCLI):
 
 
 def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:
+    with warnings.catch_warnings():
+        # `metadit fit ...` hands its own argv over as `args`; LightningCLI warns whenever sys.argv is not empty too.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _cli(subcommand, argv)
+
+
+def _cli(subcommand: str, argv: Sequence[str]) -> DITCLI:
     return DITCLI(
         DITModule,
         DiffQADataModule,

@@ -236,3 +236,10 @@ def test_config_errors_are_rejected(banks, tmp_path, bad):
     with pytest.raises((SystemExit, MetaditError)) as e:
         _fit([str(banks / "topic")], tmp_path, "--trainer.fast_dev_run", "1", *bad)
     assert not isinstance(e.value, SystemExit) or e.value.code != 0
+
+
+def test_fit_from_a_command_line_does_not_warn_about_its_own_argv(banks, tmp_path, monkeypatch, recwarn):
+    """`metadit fit ...` passes its argv on as LightningCLI's `args` while sys.argv is set too: no warning for that."""
+    monkeypatch.setattr("sys.argv", ["metadit", "fit", "--config", str(FIT)])
+    _fit([str(banks / "topic")], tmp_path, "--trainer.fast_dev_run", "1", "--data.test_labels", "0")
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
