@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every study in reports/, in dependency order, on the SmolLM2 banks (build them first: configs/gen/).
+# Every study in reports/, in dependency order, on the SmolLM2 banks (build them first: scripts/banks.sh).
 # Each sweep resumes (finished steps are skipped), so rerun this after an interruption. On 2 CPU cores the
 # whole set takes hours; `ONLY="headline data-scaling"` runs a subset.
 set -euo pipefail

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every SmolLM2 bank the studies read (scripts/studies.sh), with the sizes reports/ used. Each command resumes
+# (finished diffs are skipped), so rerun this after an interruption; one at a time on 2 cores.
+# Wall time here: ~1 h per 60 hidden-topic diffs, ~1 h per 97 news diffs (reports/gen/README.md).
+# `ONLY="rank ood"` builds a subset: topic news rank ood full.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+for part in ${ONLY:-topic news rank ood full}; do
+  echo "=== $part $(date -u +%H:%M:%S)"
+  case $part in
+    topic) $BIN/metadit gen --config configs/gen/smol_topic.yaml --n_diffs "${TOPIC_DIFFS:-112}" ;;
+    news) $BIN/metadit gen --config configs/gen/smol_news.yaml --n_diffs "${NEWS_DIFFS:-96}" ;;
+    rank)  # rank generalization: 8 diffs per rank, topics disjoint from banks/smol_topic's (seed 1)
+      for r in 2 4 8 16; do
+        $BIN/metadit gen --config configs/gen/smol_rank.yaml --train.rank "$r" --bank "banks/smol_rank$r" \
+          --n_diffs 8 --diffs_per_pass 8
+      done ;;
+    ood)  # zero-width-space triggers
+      for t in zwsp_start zwsp_random; do
+        $BIN/metadit gen --config configs/gen/smol_topic.yaml --recipe.init_args.trigger "$t" \
+          --bank "banks/smol_topic_$t" --n_diffs 8 --diffs_per_pass 8 --seed 1
+      done ;;
+    full) $BIN/metadit gen --config configs/gen/smol_full.yaml --bank banks/smol_rankfull --n_diffs 4 ;;
+    *) echo "unknown part $part (topic news rank ood full)" >&2; exit 2 ;;
+  esac
+done
