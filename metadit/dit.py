@@ -19,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from metadit.errors import MetaditError
+from metadit.models import training_attention
 from metadit.nn import DiffBatch, DiffEncoder, add_adapter, adapter_disabled, get_adapter, layer_shapes, patch_model, use_diffs
 from metadit.tasks import TASKS, normalize
 
@@ -156,7 +157,9 @@ class DITModule(L.LightningModule):
         labels = batch["labels"]
         if soft is not None:
             labels = torch.cat([torch.full((labels.shape[0], soft.shape[1]), -100, device=labels.device), labels], 1)
-        with self._diff_context(diffs):
+        # Eager attention while training: CPU flash-attention's backward is slow on short rows (models.training_attention).
+        attention = training_attention(self.model) if stage == "train" else nullcontext()
+        with self._diff_context(diffs), attention:
             logits = self.model(**self._embed(batch["input_ids"], batch["attention_mask"], soft)).logits
         # Mean over each row's answer tokens, then over rows: every diff weighs the same whatever its answer's
         # length, and the mean of equal-sized per-process batches is the global batch's (DDP = one process).

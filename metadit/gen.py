@@ -169,25 +169,28 @@ def _fit(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], setting
          trainable: "nn.Module", optimizer: torch.optim.Optimizer, on_step=None) -> list[float]:
     """The training loop both kinds of diff share: step t gives diff i (batch row i) its t-th sample from its own
     stream; returns each diff's mean loss over the last 10 % of steps."""
+    from metadit.models import training_attention
+
     device = next(model.parameters()).device
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     rngs = [random.Random(s["seed"]) for s in specs]
     tail = max(1, settings.steps // 10)
     recent = torch.zeros(len(specs))
-    for step in range(settings.steps):
-        samples = [recipe.sample(spec, rng) for spec, rng in zip(specs, rngs)]
-        batch = encode_samples(tok, [s.prompt for s in samples], [s.answer for s in samples],
-                               settings.max_answer_tokens, settings.first_token_weight)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        losses = row_losses(model, batch, [s.kind for s in samples], trainable)
-        losses.sum().backward()
-        optimizer.step()
-        sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= settings.steps - tail:
-            recent += losses.detach().cpu() / tail
-        if on_step is not None:
-            on_step(step, float(losses.detach().mean()))
+    with training_attention(model):
+        for step in range(settings.steps):
+            samples = [recipe.sample(spec, rng) for spec, rng in zip(specs, rngs)]
+            batch = encode_samples(tok, [s.prompt for s in samples], [s.answer for s in samples],
+                                   settings.max_answer_tokens, settings.first_token_weight)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses = row_losses(model, batch, [s.kind for s in samples], trainable)
+            losses.sum().backward()
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= settings.steps - tail:
+                recent += losses.detach().cpu() / tail
+            if on_step is not None:
+                on_step(step, float(losses.detach().mean()))
     return recent.tolist()
 
 

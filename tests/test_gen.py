@@ -109,6 +109,43 @@ def test_k_diffs_per_pass_equal_training_each_alone(tmp_path, monkeypatch):
     assert any(not torch.equal(together[0].B[n], together[1].B[n]) for n in together[0].modules)
 
 
+def test_training_attention_gives_the_loaded_attentions_losses_and_restores_it(tmp_path):
+    """Eager attention during training is a speed choice only: per-row CE and KL losses (right-padded rows of
+    different lengths, each under its own diff) and their gradients equal sdpa's; the model's own attention
+    comes back afterwards, also when the block raises."""
+    from metadit.gen import encode_samples, row_losses
+    from metadit.models import training_attention
+    from metadit.nn import TrainableDiffs, layer_shapes
+
+    model, tok = load_base_model(TINY_NAME, dtype=torch.float32)
+    patch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+    diffs = TrainableDiffs(layer_shapes(model), 3, 2, row_seeds=[1, 2, 3])
+    with torch.no_grad():  # B starts at zero: give every diff a real effect
+        for p in diffs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = encode_samples(tok, ["Q: a", "Q: a longer prompt here", "Q:"], ["yes", "no it is not", "maybe so"], 8)
+    kinds = ["ce", "kl", "ce"]
+
+    def losses_and_grads():
+        losses = row_losses(model, batch, kinds, diffs)
+        grads = torch.autograd.grad(losses.sum(), list(diffs.parameters()))
+        return losses.detach(), grads
+
+    want, want_g = losses_and_grads()
+    with training_attention(model):
+        assert model.config._attn_implementation == "eager"
+        got, got_g = losses_and_grads()
+    assert model.config._attn_implementation == "sdpa"
+    assert want.abs().min() > 1e-4  # the KL row is not at its optimum: a real comparison
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
+    with pytest.raises(RuntimeError), training_attention(model):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
 def _gen_cmd(bank: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "metadit.cli", "gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"),
             "--bank", str(bank), "--n_diffs", "24", "--diffs_per_pass", "2", "--train.steps", "10",

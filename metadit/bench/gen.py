@@ -40,7 +40,7 @@ def bench_gen(args: argparse.Namespace) -> dict:
     from data_gen import HiddenTopicRecipe
     from metadit.gen import TrainSettings, encode_samples, row_losses
     from metadit.generation import TextCache
-    from metadit.models import load_base_model
+    from metadit.models import load_base_model, training_attention
     from metadit.nn import TrainableDiffs, layer_shapes, patch_model
 
     console = Console()
@@ -139,16 +139,18 @@ def bench_gen(args: argparse.Namespace) -> dict:
     variants[f"peft 1 diff x {args.rows} rows"] = peft_step
     console.print(f"bf16 matmul peak: measuring; then {args.steps} timed steps per variant, interleaved")
     peak = matmul_peak()
-    for fn in variants.values():  # warm-up
-        fn()
     times = {k: [] for k in variants}
     flop = {k: [] for k in variants}
-    for _ in range(args.steps):
-        for name, fn in variants.items():
-            t = time.perf_counter()
-            f = fn()
-            times[name].append(time.perf_counter() - t)
-            flop[name].append(f)
+    # Both train as `metadit gen` does: eager attention (models.training_attention), the same for peft's model.
+    with training_attention(model), training_attention(peft_base):
+        for fn in variants.values():  # warm-up
+            fn()
+        for _ in range(args.steps):
+            for name, fn in variants.items():
+                t = time.perf_counter()
+                f = fn()
+                times[name].append(time.perf_counter() - t)
+                flop[name].append(f)
     overhead = median([peft_overhead() for _ in range(3)])
     rows = {}
     for name in variants:
