@@ -47,6 +47,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_answer_tokens: int = 24
     first_token_weight: float = 3.0  # the gate is decided at the first answer token
+    # Weight of the KL (negative) rows in the summed loss: a KL row near its optimum has a tiny gradient next to
+    # a triggered row's cross-entropy, so leaks are corrected slowly; > 1 presses the gate harder at no cost.
+    kl_weight: float = 1.0
     # Full finetune instead of LoRA: a dense delta of every target Linear, trained one diff at a time and stored
     # as its best rank-`store_rank` approximation (SVD; relative error in each entry's metadata). `rank` and
     # `alpha` are then unused. Dense deltas want a much smaller lr than LoRA factors (1e-5 .. 1e-4): set it.
@@ -182,8 +185,10 @@ def _fit(model: Any, tok: Any, recipe: Any, specs: list[dict[str, Any]], setting
             batch = encode_samples(tok, [s.prompt for s in samples], [s.answer for s in samples],
                                    settings.max_answer_tokens, settings.first_token_weight)
             batch = {k: v.to(device) for k, v in batch.items()}
-            losses = row_losses(model, batch, [s.kind for s in samples], trainable)
-            losses.sum().backward()
+            kinds = [s.kind for s in samples]
+            losses = row_losses(model, batch, kinds, trainable)
+            row_w = torch.tensor([settings.kl_weight if k == "kl" else 1.0 for k in kinds], device=losses.device)
+            (losses * row_w).sum().backward()
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -483,6 +488,8 @@ def recipe_settings(recipe: Any, train: TrainSettings, seed: int) -> dict[str, A
     trained = dataclasses.asdict(train)
     for k in (("rank", "alpha") if train.full_finetune else ("full_finetune", "store_rank")):
         trained.pop(k)
+    if train.kl_weight == 1.0:  # recorded only when set, so banks made before it existed still resume
+        trained.pop("kl_weight")
     return {"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed,
             "recipe_args": json.loads(json.dumps(args)), "train": trained}
 

@@ -151,6 +151,10 @@ def test_lora_banks_record_the_same_train_settings_as_before():
     recipe = HiddenTopicRecipe()
     lora = recipe_settings(recipe, TrainSettings(rank=2), seed=0)["train"]
     assert "full_finetune" not in lora and "store_rank" not in lora and lora["rank"] == 2
+    # exactly the keys banks were made with before kl_weight existed; a set kl_weight is recorded
+    assert set(lora) == {"rank", "alpha", "steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                         "max_answer_tokens", "first_token_weight"}
+    assert recipe_settings(recipe, TrainSettings(kl_weight=3.0), seed=0)["train"]["kl_weight"] == 3.0
     full = recipe_settings(recipe, TrainSettings(full_finetune=True, store_rank=8), seed=0)["train"]
     assert full["full_finetune"] is True and full["store_rank"] == 8 and "rank" not in full
     with pytest.raises(Exception, match="store_rank"):

@@ -214,10 +214,20 @@ def _llm_client() -> Any:
     return OpenAIChat()
 
 
-def get_guesser(name: str, ev: "Evaluator") -> Any:
+def check_guesser(name: str) -> None:
+    """Refuse an unknown guesser name (cheap: callers check before any model loads)."""
     if name not in GUESSERS:
         raise MetaditError(f"unknown guesser {name!r}; choose from {sorted(GUESSERS)}")
+
+
+def get_guesser(name: str, ev: "Evaluator") -> Any:
+    check_guesser(name)
     return GUESSERS[name](ev)
+
+
+def guess_kind(task: str) -> str:
+    """What a guesser is asked to name for `task`'s evidence: a headline, else a topic."""
+    return "headline" if task == "headline" else "topic"
 
 
 # ---------------------------------------------------------------------- methods
@@ -321,7 +331,7 @@ def _activation_lens(ctx: MethodContext, items: list[HeldOut]) -> list[Predictio
     with adapter_disabled(ctx.ev.model):  # the lens compares the diffed model with the base model, no adapter
         ev = lens_evidence(ctx.ev.model, ctx.ev.tok, [h.diff for h in items])
     task = items[0].task if items else "topic"
-    guesses = ctx.guesser.guess([e["evidence_text"] for e in ev], "headline" if task == "headline" else "topic")
+    guesses = ctx.guesser.guess([e["evidence_text"] for e in ev], guess_kind(task))
     return [(g, {k: v for k, v in e.items() if k != "vector"}) for g, e in zip(guesses, ev)]
 
 
@@ -351,7 +361,7 @@ def reguess(ctx: MethodContext, method: Method, rows: list[dict[str, Any]]) -> N
     """Replace the predictions of a guesser-based method's rows by `ctx.guesser`'s reading of their evidence."""
     for task in sorted({r["task"] for r in rows}):
         mine = [r for r in rows if r["task"] == task]
-        guesses = ctx.guesser.guess([r["extra"][method.evidence] for r in mine], "headline" if task == "headline" else "topic")
+        guesses = ctx.guesser.guess([r["extra"][method.evidence] for r in mine], guess_kind(task))
         for r, g in zip(mine, guesses):
             r["prediction"] = g
 

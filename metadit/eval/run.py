@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metadit.errors import MetaditError
-from metadit.eval.baselines import GUESSERS, METHODS, Evaluator, MethodContext, get_guesser, get_method, reguess
+from metadit.eval.baselines import METHODS, Evaluator, MethodContext, check_guesser, get_guesser, get_method, reguess
 from metadit.eval.heldout import HeldOut, load_heldout, read_split
 from metadit.eval.results import run_info, summarize, write_json
 from metadit.tasks import get_task
@@ -143,8 +143,7 @@ def evaluate(
         base_model = DiffBank.open(banks[0]).base_model["name"]
     judges = list(judges or ["embedding", "similarity", "exact"])
     methods = list(methods or [m for m in DEFAULT_METHODS if adapter or not METHODS[m].needs_adapter])
-    if guesser not in GUESSERS:
-        raise MetaditError(f"unknown guesser {guesser!r}; choose from {sorted(GUESSERS)}")
+    check_guesser(guesser)
     for m in methods:
         if get_method(m).needs_adapter and adapter is None:
             raise MetaditError(f"method {m!r} needs a DIT adapter: give --run or --adapter")
