@@ -61,7 +61,8 @@ class DiffQADataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            banks: bank directories (all for the same base model).
+            banks: bank directories (all for the same base model); `DIR[:N]` uses only its first N diffs, so a
+                study keeps its split when the bank grows.
             tasks: registered task names (`topic`, `headline`, `trigger`); each applies to the entries it can answer.
             base_model: the model whose tokenizer formats the examples (must match the banks' base model).
             val_labels: labels (topics/headlines) held out for validation — their diffs never train.
@@ -101,10 +102,11 @@ class DiffQADataModule(L.LightningDataModule):
     def check_banks(self) -> None:
         """Fail before any model is loaded: every bank exists and belongs to `base_model` (read from its config)."""
         from metadit.bank import DiffBank, identity_of
+        from metadit.bank.diff_bank import split_bank_spec
 
         mine = identity_of(self.base_model)
         for p in self.bank_paths:
-            if not (Path(p) / "bank.json").is_file():
+            if not (split_bank_spec(p)[0] / "bank.json").is_file():
                 raise MetaditError(f"{p}: no diff bank here (build it with `metadit gen --config ...`)")
             bank = DiffBank.open(p).base_model
             if bank["fingerprint"] != mine["fingerprint"]:

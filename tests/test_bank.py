@@ -127,6 +127,30 @@ def test_bank_random_access_and_metadata(tmp_path):
     assert bf[0][0].dtype == torch.bfloat16
 
 
+def test_bank_view_of_the_first_n_entries_stays_fixed_as_the_bank_grows(tmp_path):
+    """`PATH[:N]` reads the same N diffs after the bank has grown; it is read-only and refuses N > size."""
+    from metadit.data import DiffQADataModule
+
+    model = tiny_llama()
+    shapes = target_shapes(model)
+    bank = DiffBank.create(tmp_path / "bank", base_model=model)
+    bank.append_many([random_diff(shapes, 1, s) for s in range(3)], [{"topic": f"t{i}"} for i in range(3)])
+    view = DiffBank.open(f"{tmp_path / 'bank'}[:2]")
+    before = [view.meta(i)["topic"] for i in range(len(view))]
+    bank.append_many([random_diff(shapes, 1, s) for s in range(3, 6)], [{"topic": f"t{i}"} for i in range(3, 6)])
+    grown = DiffBank.open(f"{tmp_path / 'bank'}[:2]")
+    assert before == [grown.meta(i)["topic"] for i in range(len(grown))] == ["t0", "t1"]
+    assert len(DiffBank.open(tmp_path / "bank")) == 6 and grown.problems == [] and grown.verify() == []
+    assert torch.equal(grown[1][0].A[grown[1][0].modules[0]], bank[1][0].A[bank[1][0].modules[0]])
+    with pytest.raises(MetaditError, match="read-only view"):
+        grown.append(random_diff(shapes, 1, 9), {})
+    with pytest.raises(MetaditError, match="holds only 6 diffs"):
+        DiffBank.open(f"{tmp_path / 'bank'}[:7]")
+    # the DIT data module takes the same spelling: its bank check finds PATH's bank.json and reads its header
+    with pytest.raises(MetaditError, match=r"bank\[:2\]: bank was made for base model 'tiny-llama'"):
+        DiffQADataModule(banks=[f"{tmp_path / 'bank'}[:2]"], base_model="tiny-random-smollm2")
+
+
 def test_bank_reads_only_the_requested_entry(tmp_path, monkeypatch):
     model = tiny_llama()
     bank = DiffBank.create(tmp_path / "bank", base_model=model)

@@ -34,6 +34,20 @@ from metadit.errors import BaseModelMismatchError, MetaditError
 FORMAT = "metadit-diffbank"
 VERSION = 1
 _WRITER = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HEAD = re.compile(r"^(?P<path>.+)\[:(?P<n>\d+)\]$")
+
+
+def split_bank_spec(spec: str | Path) -> tuple[Path, int | None]:
+    """`PATH[:N]` -> (PATH, N): a read-only view of a bank's first N entries (in the order they were written).
+
+    Why: a bank grows (a resumed build appends), and every split or sample drawn from it changes with its size;
+    a study that names `banks/smol_topic[:112]` reads the same diffs after the bank has grown. A plain path
+    (or an existing directory whose name happens to end in `[:N]`) is the whole bank.
+    """
+    m = _HEAD.match(str(spec))
+    if m is None or Path(spec).exists():
+        return Path(spec), None
+    return Path(m["path"]), int(m["n"])
 _SCALE_KEY = "__scale__"
 _SHARD = re.compile(r"^shards/(?!\.tmp-)[A-Za-z0-9_.-]+\.safetensors$")
 # Index-row fields and their types; anything else in a row line makes it unreadable (a hostile or damaged index
@@ -123,10 +137,11 @@ class BankProblem:
 class DiffBank:
     """Append-only store of `LoraDiff`s with metadata; `bank[i] -> (diff, meta)` reads only that diff."""
 
-    def __init__(self, path: Path, header: dict[str, Any], writer: str) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], writer: str, head: int | None = None) -> None:
         self.path = path
         self.header = header
         self.writer = writer
+        self.head = head  # a read-only view of the first `head` entries (`PATH[:N]`), else None
         self.rows: list[dict[str, Any]] = []
         self.problems: list[BankProblem] = []
         self._handles: OrderedDict[str, Any] = OrderedDict()
@@ -189,7 +204,8 @@ class DiffBank:
 
     @classmethod
     def open(cls, path: str | Path, writer: str = "main") -> "DiffBank":
-        path = Path(path)
+        """Open the bank at `path`; `PATH[:N]` opens a read-only view of its first N entries."""
+        path, head = split_bank_spec(path)
         header_file = path / "bank.json"
         if not header_file.is_file():
             raise MetaditError(f"{path}: not a diff bank (no bank.json)")
@@ -212,7 +228,10 @@ class DiffBank:
             raise MetaditError(f"{header_file}: info must be a JSON object")
         if not _WRITER.match(writer):
             raise MetaditError(f"writer name {writer!r} may only hold letters, digits, '_', '.', '-'")
-        return cls(path, header, writer)
+        bank = cls(path, header, writer, head)
+        if head is not None and len(bank.rows) < head:
+            raise MetaditError(f"{path}[:{head}]: the bank holds only {len(bank.rows)} diffs")
+        return bank
 
     # ------------------------------------------------------------------ identity
     @property
@@ -329,6 +348,8 @@ class DiffBank:
                     self.problems.append(BankProblem(str(f), "pickle-format file in a bank; it is never read"))
                 elif rel not in referenced:
                     self.problems.append(BankProblem(str(f), "shard with no index rows (interrupted append)"))
+        if self.head is not None:
+            self.rows = self.rows[: self.head]
         self._by_id = {r["id"]: i for i, r in enumerate(self.rows)}
 
     def refresh(self) -> None:
@@ -345,6 +366,8 @@ class DiffBank:
         after removing everything else `repair` raises `MetaditError` naming what it left (as it does for any
         other problem of these writers that remains, e.g. a duplicated entry id).
         """
+        if self.head is not None:
+            raise MetaditError(f"{self.path}[:{self.head}] is a read-only view of the bank; repair {self.path}")
         removed: list[str] = []
         left: list[str] = []
         referenced: set[str] = set()  # shards that some index row (kept after this repair) names
@@ -413,6 +436,8 @@ class DiffBank:
 
         `dtype` stores the factors in another dtype (e.g. bf16 to halve the size); default: as given.
         """
+        if self.head is not None:
+            raise MetaditError(f"{self.path}[:{self.head}] is a read-only view of the bank; append to {self.path}")
         if len(diffs) != len(metas) or not diffs:
             raise MetaditError("append_many: need as many metadata dicts as diffs, and at least one diff")
         mine = [p for p in self.problems if p.writer == self.writer]
