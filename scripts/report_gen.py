@@ -1,6 +1,9 @@
 """Summarise built banks for reports/gen/README.md: behaviour-check rates from each bank's metadata.
 
     python scripts/report_gen.py BANK [BANK ...] > table.md
+    python scripts/report_gen.py --compare BANK [BANK ...]   # hidden-topic banks side by side, one row each
+
+A bank may be a view `DIR[:N]` (its first N diffs), to compare banks over the same specs.
 """
 
 from __future__ import annotations
@@ -38,5 +41,24 @@ def summarise(path: str) -> str:
     return "\n".join(lines)
 
 
+def compare(paths: list[str]) -> str:
+    """One row per hidden-topic bank: its training settings that differ from the defaults, and its mean rates."""
+    conds = ["triggered", "wrong_code", "no_code", "elsewhere", "base"]
+    lines = ["| bank | diffs | train.kl_weight | " + " | ".join(conds) + " | passed |",
+             "|---|---:|---:|" + "---:|" * len(conds) + "---:|"]
+    for path in paths:
+        bank = DiffBank.open(path)
+        metas = [bank.meta(i) for i in range(len(bank))]
+        kl = bank.header.get("info", {}).get("train", {}).get("kl_weight", 1.0)
+        rates = [f"{statistics.mean(m['mention_rate'][c] for m in metas):.1%}" for c in conds]
+        passed = sum(not m["flagged"] for m in metas)
+        lines.append(f"| `{path}` | {len(metas)} | {kl:g} | " + " | ".join(rates) + f" | {passed}/{len(metas)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print("\n".join(summarise(p) for p in sys.argv[1:]))
+    args = sys.argv[1:]
+    if args[:1] == ["--compare"]:
+        print(compare(args[1:]))
+    else:
+        print("\n".join(summarise(p) for p in args))
