@@ -146,6 +146,11 @@ def test_bank_view_of_the_first_n_entries_stays_fixed_as_the_bank_grows(tmp_path
         grown.append(random_diff(shapes, 1, 9), {})
     with pytest.raises(MetaditError, match="holds only 6 diffs"):
         DiffBank.open(f"{tmp_path / 'bank'}[:7]")
+    # a diff's evaluation id (which seeds its baselines' questions) does not depend on the view
+    from metadit.eval.heldout import HeldOut
+
+    ids = [HeldOut(b, 1, None, {}, "topic", "t1", True).id for b in (str(tmp_path / "bank"), f"{tmp_path / 'bank'}[:2]")]
+    assert ids == ["bank:1", "bank:1"]
     # the DIT data module takes the same spelling: its bank check finds PATH's bank.json and reads its header
     with pytest.raises(MetaditError, match=r"bank\[:2\]: bank was made for base model 'tiny-llama'"):
         DiffQADataModule(banks=[f"{tmp_path / 'bank'}[:2]"], base_model="tiny-random-smollm2")

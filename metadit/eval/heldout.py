@@ -30,7 +30,10 @@ class HeldOut:
 
     @property
     def id(self) -> str:
-        return f"{Path(self.bank).name}:{self.index}"
+        """`BANKDIR:INDEX`, the same through a view `DIR[:N]` (it seeds the baselines' question choices)."""
+        from metadit.bank.diff_bank import split_bank_spec
+
+        return f"{split_bank_spec(self.bank)[0].name}:{self.index}"
 
     def question(self) -> str:
         """The task's first held-out phrasing (digit codes ask for the prefix, as in training)."""
