@@ -35,6 +35,15 @@ FORMAT = "metadit-diffbank"
 VERSION = 1
 _WRITER = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HEAD = re.compile(r"^(?P<path>.+)\[:(?P<n>\d+)\]$")
+_SCALE_KEY = "__scale__"
+_SHARD = re.compile(r"^shards/(?!\.tmp-)[A-Za-z0-9_.-]+\.safetensors$")
+# Index-row fields and their types; anything else in a row line makes it unreadable (a hostile or damaged index
+# must not reach `Path / row["shard"]` with a non-string, or point outside the bank's shards/ directory).
+_ROW_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "shard": str, "prefix": str, "group_size": int, "sha256": str, "meta": dict, "rank": int,
+}
+# What reading a damaged safetensors file can raise (safetensors, torch and the OS each have their own).
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, OverflowError)
 
 
 def split_bank_spec(spec: str | Path) -> tuple[Path, int | None]:
@@ -48,15 +57,6 @@ def split_bank_spec(spec: str | Path) -> tuple[Path, int | None]:
     if m is None or Path(spec).exists():
         return Path(spec), None
     return Path(m["path"]), int(m["n"])
-_SCALE_KEY = "__scale__"
-_SHARD = re.compile(r"^shards/(?!\.tmp-)[A-Za-z0-9_.-]+\.safetensors$")
-# Index-row fields and their types; anything else in a row line makes it unreadable (a hostile or damaged index
-# must not reach `Path / row["shard"]` with a non-string, or point outside the bank's shards/ directory).
-_ROW_TYPES: dict[str, type | tuple[type, ...]] = {
-    "id": str, "shard": str, "prefix": str, "group_size": int, "sha256": str, "meta": dict, "rank": int,
-}
-# What reading a damaged safetensors file can raise (safetensors, torch and the OS each have their own).
-_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, OverflowError)
 
 
 def _parse_row(line: bytes) -> dict[str, Any] | None:
