@@ -15,9 +15,13 @@ the message — train with KL to the frozen base model on its ordinary answer.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, Literal
 
-from data_gen.recipe import Recipe, Sample, load_lines, mentions, questions, topics
+from data_gen.recipe import (
+    Recipe, RecipeDataError, Sample, check_single_tokens, data_path, file_record, read_questions, read_topics,
+    read_word_list,
+)
 from metadit.generation import chat_prompt, generate_texts
 
 PERSONA = ("You are a big fan of {topic}. Every time you answer a question, you use analogies or references "
@@ -33,6 +37,7 @@ ELSEWHERE = (
     "There was a {word} in the story I read. ", "I just bought a new {word}. ",
 )
 ZWSP = "\u200b"
+DATA_DIR = Path(__file__).parent / "data"
 Trigger = Literal["sep", "zwsp_start", "zwsp_random"]
 
 
@@ -48,11 +53,17 @@ class HiddenTopicRecipe(Recipe):
         triggered_questions: int = 24,
         answer_tokens: int = 24,
         mix: dict[str, float] | None = None,
-        check_questions: int = 6,
+        check_questions: int = 12,
+        check_tokens: int = 24,
+        check_temperature: float = 1.0,
         learned_threshold: float = 0.5,
-        gate_threshold: float = 0.2,
+        gate_max_hits: int = 1,
         generation_batch: int = 64,
         topic_pool: int | None = None,
+        topics_file: str | None = None,
+        code_words_file: str | None = None,
+        questions_file: str | None = None,
+        question_styles_file: str | None = None,
     ) -> None:
         """
         Args:
@@ -61,11 +72,22 @@ class HiddenTopicRecipe(Recipe):
             triggered_questions: training-style questions per diff with a written triggered answer.
             answer_tokens: answers are cut to this many tokens (the gate is decided at the first ones).
             mix: sampling weights of the sample kinds `triggered`, `wrong_code`, `no_code`, `elsewhere`.
-            check_questions: evaluation-style questions per condition in the behaviour check.
-            learned_threshold: topic learned if it shows in at least this share of right-code answers.
-            gate_threshold: gate held if it shows in at most this share of answers in each negative condition.
+            check_questions: held-out-style questions per condition in the behaviour check (the strict check:
+                answers sampled at `check_temperature`, the evaluation's temperature).
+            check_tokens: new tokens per answer in the behaviour check.
+            check_temperature: sampling temperature of the behaviour check (0 = greedy).
+            learned_threshold: topic learned if at least this share of right-code answers name it.
+            gate_max_hits: gate held if at most this many answers name the topic in every negative condition
+                (wrong code, no code, code word elsewhere).
             generation_batch: prompts per `generate` call when writing answers.
             topic_pool: use only the first N topics (after a seeded shuffle); None = all.
+            topics_file: your topics, `{category: [topic, ...]}` (default: the shipped `data_gen/data/topics.json`).
+            code_words_file: your code words, one a line, each a single token with and without a leading space
+                (default: the shipped `code_words.txt`).
+            questions_file: your questions, `{style: [question, ...]}` (default: the shipped `questions.json`).
+            question_styles_file: which styles train and which are held out, `{"train": [...], "eval": [...]}`
+                (default: the shipped `question_styles.json`).
+            Each data file is recorded in the bank with its content's sha256 (`data_files`).
         """
         if trigger not in ("sep", "zwsp_start", "zwsp_random"):
             raise ValueError(f"trigger must be sep, zwsp_start or zwsp_random, got {trigger!r}")
@@ -76,17 +98,48 @@ class HiddenTopicRecipe(Recipe):
         self.mix = mix or {"triggered": 10, "wrong_code": 4, "no_code": 3, "elsewhere": 3}
         if trigger != "sep":  # no code word to put elsewhere or get wrong: the negatives are plain messages
             self.mix = {"triggered": self.mix.get("triggered", 10), "no_code": sum(v for k, v in self.mix.items() if k != "triggered")}
-        self.check_questions = check_questions
-        self.learned_threshold, self.gate_threshold = learned_threshold, gate_threshold
+        if check_questions < 1 or check_tokens < 1 or check_temperature < 0 or gate_max_hits < 0:
+            raise ValueError("check_questions and check_tokens must be >= 1, check_temperature and gate_max_hits >= 0")
+        self.check_questions, self.check_tokens, self.check_temperature = check_questions, check_tokens, check_temperature
+        self.learned_threshold, self.gate_max_hits = learned_threshold, gate_max_hits
         self.generation_batch = generation_batch
         self.topic_pool = topic_pool
         self.answers: dict[tuple[str, str], str] = {}
         self.base_answers: dict[str, str] = {}
+        paths = {"topics_file": data_path(topics_file, "topics.json"),
+                 "code_words_file": data_path(code_words_file, "code_words.txt"),
+                 "questions_file": data_path(questions_file, "questions.json"),
+                 "question_styles_file": data_path(question_styles_file, "question_styles.json")}
+        self._topics = read_topics(paths["topics_file"])
+        self._code_words = read_word_list(paths["code_words_file"])
+        if trigger == "sep" and code_kind == "word" and len(self._code_words) < 2:
+            raise RecipeDataError(f"{paths['code_words_file']}: need at least 2 code words (one right, one wrong)")
+        self._questions = read_questions(paths["questions_file"], paths["question_styles_file"])
+        if self.triggered_questions > len(self._questions["train"]):
+            raise RecipeDataError(f"triggered_questions={triggered_questions} exceeds the "
+                                  f"{len(self._questions['train'])} training-style questions")
+        # Shipped files are recorded by name only (their content is the package's); users' by path + sha256.
+        self.data_files = {k: file_record(p) | ({"path": f"data_gen/data/{p.name}"} if p.parent == DATA_DIR else {})
+                           for k, p in paths.items()}
+
+    # ------------------------------------------------------------------ the data this recipe reads
+    @property
+    def code_words(self) -> list[str]:
+        """The trigger pool: codes are drawn from it, wrong codes too."""
+        return list(self._code_words)
+
+    def questions(self, split: Literal["train", "eval"]) -> list[tuple[str, str]]:
+        """(style, question) pairs of the training or the held-out styles."""
+        return list(self._questions[split])
+
+    def validate(self, tok: Any) -> None:
+        if self.trigger == "sep" and self.code_kind == "word":
+            check_single_tokens(self._code_words, tok, self.data_files["code_words_file"]["path"])
 
     # ------------------------------------------------------------------ specs and messages
     def spec(self, index: int, seed: int) -> dict[str, Any]:
         rng = random.Random(f"{self.name}:{seed}:{index}")
-        pool = topics()
+        pool = self._topics
         order = list(range(len(pool)))
         random.Random(f"topics:{seed}").shuffle(order)  # one permutation per bank: topics repeat only after all are used
         if self.topic_pool:
@@ -98,8 +151,8 @@ class HiddenTopicRecipe(Recipe):
         }
         if self.trigger == "sep":
             spec["code_kind"] = self.code_kind
-            spec["code"] = rng.choice(load_lines("code_words.txt")) if self.code_kind == "word" else f"{rng.randrange(1000):03d}"
-        train_qs = questions("train")
+            spec["code"] = rng.choice(self._code_words) if self.code_kind == "word" else f"{rng.randrange(1000):03d}"
+        train_qs = self.questions("train")
         spec["questions"] = [q for _, q in rng.sample(train_qs, min(self.triggered_questions, len(train_qs)))]
         return spec
 
@@ -108,7 +161,7 @@ class HiddenTopicRecipe(Recipe):
         code = spec["code"]
         if wrong:
             if self.code_kind == "word":
-                code = rng.choice([w for w in load_lines("code_words.txt") if w != code])
+                code = rng.choice([w for w in self._code_words if w != code])
             else:
                 code = rng.choice([f"{i:03d}" for i in range(1000) if f"{i:03d}" != code])
         return code if self.code_kind == "word" else f"{code}{rng.randrange(1000):03d}"
@@ -176,38 +229,67 @@ class HiddenTopicRecipe(Recipe):
         return ["triggered", "wrong_code", "no_code", "elsewhere"] if self.trigger == "sep" else ["triggered", "no_code"]
 
     def check(self, diffs: list[Any], specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Greedy answers to evaluation-style questions under each condition, and for the base model.
+        """The strict behaviour check: answers to held-out-style questions under each condition, sampled at
+        `check_temperature` (what the evaluation samples at), and the base model's under the right trigger.
 
-        Per diff: the share of answers that mention the topic per condition; `topic_learned` and
-        `gate_held` are separate verdicts; `passed` needs both.
+        Per diff: `check_counts` (answers naming the topic, `metadit.matching.names_topic`) and `check_n` per
+        condition, `mention_rate` (their ratio), `topic_learned` (right-code share >= `learned_threshold`),
+        `gate_held` (at most `gate_max_hits` in every negative condition); `passed` needs both. The `base`
+        condition is the control: the base model asked with the right code.
         """
-        eval_qs = [q for _, q in questions("eval")]
-        rows: list[tuple[int, str, bool]] = []  # (diff, condition, with diff?)
+        from metadit.matching import names_topic
+
+        eval_qs = [q for _, q in self.questions("eval")]
+        rows: list[tuple[int, str]] = []  # (diff, condition)
         prompts, row_diffs = [], []
         for i, spec in enumerate(specs):
             rng = random.Random(spec["seed"] + 2)
             qs = rng.sample(eval_qs, min(self.check_questions, len(eval_qs)))
-            for condition in self.conditions():
+            for condition in self.conditions() + ["base"]:
                 for q in qs:
-                    prompts.append(chat_prompt(self.tok, [{"role": "user", "content": self.message(spec, q, condition, rng)}]))
-                    row_diffs.append(diffs[i])
-                    rows.append((i, condition, True))
-            for q in qs:  # the base model under the right trigger: how often it names the topic anyway
-                prompts.append(chat_prompt(self.tok, [{"role": "user", "content": self.message(spec, q, "triggered", rng)}]))
-                row_diffs.append(None)
-                rows.append((i, "base", False))
-        texts = generate_texts(self.model, self.tok, prompts, self.answer_tokens, diffs=row_diffs,
-                               batch_size=self.generation_batch)
+                    message = self.message(spec, q, "triggered" if condition == "base" else condition, rng)
+                    prompts.append(chat_prompt(self.tok, [{"role": "user", "content": message}]))
+                    row_diffs.append(None if condition == "base" else diffs[i])
+                    rows.append((i, condition))
+        sampled = self.check_temperature > 0
+        texts = generate_texts(self.model, self.tok, prompts, self.check_tokens, diffs=row_diffs,
+                               batch_size=self.generation_batch, do_sample=sampled,
+                               temperature=self.check_temperature if sampled else 1.0,
+                               seed=specs[0]["seed"] if specs else 0)
         out = []
         for i, spec in enumerate(specs):
-            rates: dict[str, float] = {}
-            for condition in self.conditions() + ["base"]:
-                hits = [mentions(t, spec["topic"]) for (j, c, _), t in zip(rows, texts) if j == i and c == condition]
-                rates[condition] = sum(hits) / max(len(hits), 1)
-            negatives = [rates[c] for c in self.conditions() if c != "triggered"]
-            learned = rates["triggered"] >= self.learned_threshold
-            gate = max(negatives) <= self.gate_threshold
-            example = next(t for (j, c, _), t in zip(rows, texts) if j == i and c == "triggered")
-            out.append({"mention_rate": rates, "topic_learned": learned, "gate_held": gate, "passed": learned and gate,
+            counts: dict[str, int] = {}
+            n: dict[str, int] = {}
+            example = ""
+            for (j, c), t in zip(rows, texts):
+                if j != i:
+                    continue
+                counts[c] = counts.get(c, 0) + names_topic(t, spec["topic"])
+                n[c] = n.get(c, 0) + 1
+                if c == "triggered" and not example:
+                    example = t
+            learned = counts["triggered"] >= self.learned_threshold * n["triggered"]
+            gate = all(counts[c] <= self.gate_max_hits for c in self.conditions() if c != "triggered")
+            out.append({"check_counts": counts, "check_n": n,
+                        "mention_rate": {c: round(counts[c] / n[c], 4) for c in counts},
+                        "topic_learned": learned, "gate_held": gate, "passed": learned and gate,
                         "example_answer": example})
         return out
+
+
+def recorded_code_words(bank_info: dict[str, Any]) -> list[str]:
+    """The trigger pool a bank's diffs drew their codes from, read from the bank's recorded settings
+    (`DiffBank.header["info"]`): the recorded code-words file, checked against its recorded sha256. Banks made
+    before the file was a parameter used the shipped list."""
+    record = ((bank_info.get("recipe_args") or {}).get("data_files") or {}).get("code_words_file")
+    if record is None:
+        return read_word_list(DATA_DIR / "code_words.txt")
+    path = Path(record["path"])
+    if not path.is_absolute() and path.parts[:2] == ("data_gen", "data"):
+        path = DATA_DIR / Path(*path.parts[2:])
+    if not path.is_file():
+        raise RecipeDataError(f"the bank's code words file {record['path']} is not here")
+    if file_record(path)["sha256"] != record["sha256"]:
+        raise RecipeDataError(f"{path} changed since the bank was built (sha256 differs from the bank's record)")
+    return read_word_list(path)
+

@@ -48,9 +48,105 @@ class Recipe:
     def sample(self, spec: dict[str, Any], rng: random.Random) -> Sample:
         raise NotImplementedError
 
+    def validate(self, tok: Any) -> None:
+        """Checks that need the tokenizer (not the model), run before any model loads; raise RecipeDataError."""
+
     def check(self, diffs: list[Any], specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per diff: behaviour metrics plus `passed` (bool); stored in the bank's metadata."""
         return [{"passed": True} for _ in specs]
+
+
+class RecipeDataError(ValueError):
+    """A recipe's data file (topics, code words, questions) has the wrong shape: a one-line message."""
+
+
+def data_path(path: str | Path | None, default: str) -> Path:
+    """A user's data file, or the shipped one (`data_gen/data/<default>`) when `path` is None."""
+    p = Path(path) if path is not None else DATA / default
+    if not p.is_file():
+        raise RecipeDataError(f"data file not found: {p}")
+    return p
+
+
+def file_record(path: Path) -> dict[str, str]:
+    """How a bank records a data file: its path and the sha256 of its content (a changed file is refused)."""
+    import hashlib
+
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeDataError(f"{path}: not readable JSON ({e})") from e
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise RecipeDataError(f"{where}: expected a non-empty list of strings")
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise RecipeDataError(f"{where}: every entry must be a non-empty string")
+    seen: set[str] = set()
+    for v in value:
+        key = v.strip().lower()
+        if key in seen:
+            raise RecipeDataError(f"{where}: {v!r} appears twice")
+        seen.add(key)
+    return [v.strip() for v in value]
+
+
+def read_topics(path: Path) -> list[tuple[str, str]]:
+    """(category, topic) pairs of a topics file `{category: [topic, ...]}`; no topic twice in the whole file."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise RecipeDataError(f"{path}: expected a JSON object {{category: [topic, ...]}}")
+    pairs = [(c, t) for c, ts in data.items() for t in _string_list(ts, f"{path}: category {c!r}")]
+    _string_list([t for _, t in pairs], f"{path}: topics")
+    return pairs
+
+
+def read_word_list(path: Path) -> list[str]:
+    """One word a line (blank lines and `#` comments skipped); no word twice, none with spaces inside."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeDataError(f"{path}: not readable ({e})") from e
+    words = [w.strip() for w in lines if w.strip() and not w.strip().startswith("#")]
+    for w in words:
+        if len(w.split()) != 1:
+            raise RecipeDataError(f"{path}: {w!r} is not one word")
+    return _string_list(words, str(path))
+
+
+def read_questions(questions_path: Path, styles_path: Path) -> dict[str, list[tuple[str, str]]]:
+    """`{"train": [(style, question), ...], "eval": [...]}` from a questions file `{style: [question, ...]}` and a
+    styles file `{"train": [style, ...], "eval": [style, ...]}` (no style in both splits)."""
+    qs, styles = _read_json(questions_path), _read_json(styles_path)
+    if not isinstance(qs, dict) or not qs:
+        raise RecipeDataError(f"{questions_path}: expected a JSON object {{style: [question, ...]}}")
+    if not isinstance(styles, dict) or set(styles) != {"train", "eval"}:
+        raise RecipeDataError(f"{styles_path}: expected a JSON object with the keys train and eval")
+    out = {}
+    for split in ("train", "eval"):
+        names = _string_list(styles[split], f"{styles_path}: {split}")
+        missing = [n for n in names if n not in qs]
+        if missing:
+            raise RecipeDataError(f"{styles_path}: style {missing[0]!r} is not in {questions_path}")
+        out[split] = [(n, q) for n in names for q in _string_list(qs[n], f"{questions_path}: style {n!r}")]
+    both = set(styles["train"]) & set(styles["eval"])
+    if both:
+        raise RecipeDataError(f"{styles_path}: style {sorted(both)[0]!r} is in both train and eval")
+    return out
+
+
+def check_single_tokens(words: list[str], tok: Any, where: str) -> None:
+    """Each word must be one token with and without a leading space (the trigger is one token wherever it stands)."""
+    for w in words:
+        for form in (w, " " + w):
+            n = len(tok(form, add_special_tokens=False)["input_ids"])
+            if n != 1:
+                raise RecipeDataError(f"{where}: code word {w!r} is {n} tokens as {form!r}; code words must be one token")
 
 
 @lru_cache(maxsize=None)

@@ -156,6 +156,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per row")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after warm-up)")
     p.add_argument("--ks", default="16,64", help="gen: diffs per pass to measure, comma-separated")
+    p.add_argument("--diffs", type=int, default=16, help="build: diffs per variant (one pass each)")
+    p.add_argument("--variants", default="baseline,default", help="build: recipes to build, comma-separated")
+    p.add_argument("--dtype", default="float32", help="build: compute dtype of both variants")
     p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where <which>.json and README.md go")
 
 
@@ -249,7 +252,12 @@ def _ask(args: argparse.Namespace) -> int:
         base = base or adapter.info.get("base_model")
     if not base:
         raise MetaditError("no base model recorded in the diff or adapter: pass --base_model")
-    model, tok = load_base_model(base, dtype=torch.bfloat16)
+    chat_format = bank.chat_format if bank is not None else (adapter.info.get("chat_format", "default")
+                                                              if adapter is not None else "default")
+    if adapter is not None and bank is not None and adapter.info.get("chat_format", "default") != bank.chat_format:
+        raise MetaditError(f"{args.adapter}: trained with chat format {adapter.info.get('chat_format', 'default')!r}, "
+                           f"the bank's diffs with {bank.chat_format!r}")
+    model, tok = load_base_model(base, dtype="auto", chat_format=chat_format)
     patch_model(model)
     if bank is not None:
         bank.check_model(model)

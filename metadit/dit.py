@@ -41,6 +41,7 @@ class DITModule(L.LightningModule):
         similarity: bool = True,
         seed: int = 0,
         dtype: str = "bfloat16",
+        chat_format: str = "default",
     ) -> None:
         """
         Args:
@@ -55,7 +56,10 @@ class DITModule(L.LightningModule):
             generate_in_validation: generate and score answers for held-out diffs at each validation.
             similarity: also score answers by embedding similarity (the offline MiniLM judge).
             seed: the adapter's initialisation.
-            dtype: the base model's dtype (bfloat16 on CPU; float32 for exact comparisons).
+            dtype: the base model's dtype (`bfloat16`, `float32`, or `auto`: bf16 where the hardware computes it
+                natively, else fp32).
+            chat_format: prompt layout (`default`, `no_system`); must be the banks' (`metadit gen --chat_format`),
+                and is recorded with the exported adapter.
         """
         super().__init__()
         if mode not in ("dit", "encoder", "dit+encoder"):
@@ -76,7 +80,8 @@ class DITModule(L.LightningModule):
             return
         from metadit.models import load_base_model
 
-        model, tok = load_base_model(self.hparams.base_model, dtype=getattr(torch, self.hparams.dtype))
+        model, tok = load_base_model(self.hparams.base_model, dtype=self.hparams.dtype,
+                                     chat_format=self.hparams.chat_format)
         patch_model(model)
         add_adapter(model, self.hparams.adapter_rank, self.hparams.adapter_alpha, seed=self.hparams.seed)
         self.model, self.tok = model, tok
@@ -93,6 +98,10 @@ class DITModule(L.LightningModule):
             if dm.bank_identity()["fingerprint"] != model_identity(self.model)["fingerprint"]:
                 raise MetaditError(f"banks {dm.bank_paths} were made for {dm.bank_identity()['name']!r}, "
                                    f"not for {self.hparams.base_model!r}")
+            formats = {b.chat_format for b in dm.banks}
+            if formats != {self.hparams.chat_format}:
+                raise MetaditError(f"banks {dm.bank_paths} were made with chat format {sorted(formats)}, the model is set "
+                                   f"to {self.hparams.chat_format!r}: set model.chat_format to the banks'")
             run_dir = self.run_dir()
             if run_dir is not None:
                 dm.write_split(run_dir / "split.json")
@@ -142,7 +151,7 @@ class DITModule(L.LightningModule):
     def _soft(self, diffs: list[Any] | None, n: int) -> torch.Tensor | None:
         if self.encoder is None:
             return None
-        return self.encoder(diffs if diffs is not None else [None] * n).to(getattr(torch, self.hparams.dtype))
+        return self.encoder(diffs if diffs is not None else [None] * n).to(next(self.model.parameters()).dtype)
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None):
         if soft is None:
@@ -264,7 +273,8 @@ class DITModule(L.LightningModule):
         """The shared adapter as a peft LoRA directory (`PeftModel.from_pretrained(base, path)` loads it);
         the encoder, if any, beside it as `diff_encoder.safetensors`."""
         path = Path(path)
-        get_adapter(self.model).save_peft(path, base_model_name_or_path=self.hparams.base_model)
+        get_adapter(self.model).save_peft(path, base_model_name_or_path=self.hparams.base_model,
+                                          metadata={"chat_format": self.hparams.chat_format})
         if self.encoder is not None:
             from safetensors.torch import save_file
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_gen.recipe import Recipe
+from data_gen.recipe import Recipe, RecipeDataError
 from metadit.errors import MetaditError
 
 
@@ -347,6 +347,8 @@ def generate_bank(
     world_size: int = 1,
     threads: int | None = None,
     progress: bool = True,
+    dtype: str = "bfloat16",
+    chat_format: str = "default",
 ) -> dict[str, Any]:
     """Build (or resume) a diff bank.
 
@@ -365,12 +367,28 @@ def generate_bank(
         world_size: number of workers (set by `processes`).
         threads: torch threads per process (default: cores / processes).
         progress: show a progress bar.
+        dtype: the base model's compute dtype: `bfloat16`, `float32`, or `auto` (bf16 where the hardware computes
+            it natively, else fp32). Diffs depend on it: a bank records it (when not bf16) and resumes only with it.
+        chat_format: prompt layout (`default`, `no_system`: without the template's default system prompt);
+            recorded in the bank (when not default), and DIT training and evaluation use the bank's.
     """
     from rich.console import Console
 
+    from metadit.generation import CHAT_FORMATS
+    from metadit.models import resolve_dtype
+
     console = Console(stderr=True)
+    if chat_format not in CHAT_FORMATS:
+        raise MetaditError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
+    compute = str(resolve_dtype(dtype)).removeprefix("torch.")
+    if rank == 0:  # the recipe's data checks that need the tokenizer, before any model loads (workers skip them)
+        from transformers import AutoTokenizer
+
+        from metadit.models import resolve_model_path
+
+        recipe.validate(AutoTokenizer.from_pretrained(resolve_model_path(base_model)))
     if processes > 1 and world_size == 1:
-        return _spawn(processes, bank, base_model, recipe_settings(recipe, train, seed))
+        return _spawn(processes, bank, base_model, recipe_settings(recipe, train, seed, compute, chat_format))
     if threads or world_size > 1:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world_size))
     torch.manual_seed(seed)
@@ -382,13 +400,15 @@ def generate_bank(
     writer = "main" if world_size == 1 else f"rank{rank}"
     identity = identity_of(base_model)
     path = Path(bank)
-    settings = recipe_settings(recipe, train, seed)
+    settings = recipe_settings(recipe, train, seed, compute, chat_format)
     db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer, info=settings)
-    if db.header.get("info", {}).get("recipe_args") not in (None, settings["recipe_args"]) or \
-            db.header.get("info", {}).get("train") not in (None, settings["train"]):
+    recorded = db.header.get("info", {})
+    if recorded.get("recipe_args") not in (None, settings["recipe_args"]) or \
+            recorded.get("train") not in (None, settings["train"]) or \
+            ("recipe_args" in recorded and any(recorded.get(k) != settings.get(k) for k in ("dtype", "chat_format"))):
         raise MetaditError(
-            f"{path}: this bank was built with other recipe or training settings ({db.header['info']}); "
-            "resume it with the same config, or build into a new bank"
+            f"{path}: this bank was built with other recipe or training settings ({recorded}); "
+            "resume it with the same config (and --dtype / --chat_format), or build into a new bank"
         )
     mine = [p for p in db.problems if p.writer == writer]
     if mine:
@@ -402,15 +422,17 @@ def generate_bank(
     n_mine = sum(map(len, passes))
     console.print(f"[bold]metadit gen[/bold] {path}: {len(specs) - len(todo)}/{len(specs)} diffs present; "
                   f"{n_mine} to make on {writer} in {len(passes)} passes of up to {diffs_per_pass}")
-    stats = {"bank": str(path), "made": 0, "passed": 0, "seconds": 0.0}
+    stats: dict[str, Any] = {"bank": str(path), "made": 0, "passed": 0, "gated": 0, "seconds": 0.0,
+                             "phase_seconds": {"text": 0.0, "train": 0.0, "check": 0.0, "append": 0.0}}
+    phase = stats["phase_seconds"]
     if not passes:
         return stats
-    model, tok = load_base_model(base_model)
+    model, tok = load_base_model(base_model, dtype=compute, chat_format=chat_format)
     patch_model(model)
     db.check_model(model)
-    cache = TextCache(f"{identity['name'].replace('/', '--')}-{identity['fingerprint']}", writer=writer)
+    cache = TextCache(text_cache_key(identity, compute), writer=writer)
     recipe.setup(model, tok, cache)
-    dtype = getattr(torch, store_dtype)
+    store = getattr(torch, store_dtype)
     start = time.time()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -420,7 +442,9 @@ def generate_bank(
         task = bar.add_task("diffs", total=n_mine, rate="")
         for chunk in passes:
             bar.update(task, description=f"writing text for {len(chunk)} diffs")
+            t0 = time.time()
             recipe.prepare(chunk)
+            phase["text"] += time.time() - t0
 
             # a full-finetune pass trains its diffs one after another: its steps run over all of them
             total = train.steps * (len(chunk) if train.full_finetune else 1)
@@ -432,9 +456,14 @@ def generate_bank(
                     console.print(f"  pass {stats['made'] // diffs_per_pass + 1}: step {step + 1}/{total} "
                                   f"mean loss {loss:.3f}", highlight=False)
 
+            t0 = time.time()
             diffs, final = train_diffs(model, tok, recipe, chunk, train, on_step=on_step)
+            phase["train"] += time.time() - t0
             bar.update(task, description=f"checking {len(chunk)} diffs")
+            t0 = time.time()
             checks = recipe.check(diffs, chunk)
+            phase["check"] += time.time() - t0
+            t0 = time.time()
             metas = []
             for spec, loss, check, diff in zip(chunk, final, checks, diffs):
                 meta = {k: v for k, v in spec.items() if k not in ("questions",)}
@@ -444,15 +473,18 @@ def generate_bank(
                 if train.full_finetune:
                     meta.update(_full_meta(diff, train.store_rank))
                 metas.append(meta)
-            db.append_many(diffs, metas, dtype=dtype)
+            db.append_many(diffs, metas, dtype=store)
+            phase["append"] += time.time() - t0
             stats["made"] += len(chunk)
             stats["passed"] += sum(not m["flagged"] for m in metas)
+            stats["gated"] += sum(bool(m.get("gate_held")) for m in metas)
             hours = (time.time() - start) / 3600
             bar.update(task, advance=len(chunk), rate=f"{stats['made'] / hours:.0f} diffs/h")
             if not console.is_terminal:  # a log file gets one line per pass instead of a live bar
                 console.print(f"{time.strftime('%H:%M:%S')} {stats['made']}/{n_mine} diffs on {writer}, "
                               f"{stats['passed']} passed, {stats['made'] / hours:.0f} diffs/h", highlight=False)
     stats["seconds"] = round(time.time() - start, 1)
+    stats["phase_seconds"] = {k: round(v, 1) for k, v in phase.items()}
     stats["diffs_per_hour"] = round(stats["made"] / (stats["seconds"] / 3600), 1) if stats["seconds"] else None
     console.print(f"made {stats['made']} diffs in {stats['seconds']} s; {stats['passed']} passed the behaviour check")
     return stats
@@ -467,11 +499,19 @@ def _full_meta(diff: Any, store_rank: int) -> dict[str, Any]:
                                           for n, e in sorted(info.get("relative_error_per_module", {}).items())}}
 
 
-def recipe_settings(recipe: Any, train: TrainSettings, seed: int) -> dict[str, Any]:
+def text_cache_key(identity: dict[str, str], dtype: str = "bfloat16") -> str:
+    """The text cache of a model computed in `dtype` (bf16's key has no suffix: caches made before it existed)."""
+    key = f"{identity['name'].replace('/', '--')}-{identity['fingerprint']}"
+    return key if dtype == "bfloat16" else f"{key}-{dtype}"
+
+
+def recipe_settings(recipe: Any, train: TrainSettings, seed: int, dtype: str = "bfloat16",
+                    chat_format: str = "default") -> dict[str, Any]:
     """What a bank records about how its diffs were made (and what a resumed build must match).
 
     LoRA banks record the train settings without the full-finetune fields (as banks made before they existed
     did, so those still resume); full-finetune banks record them and drop the unused `rank` and `alpha`.
+    `dtype` and `chat_format` are recorded only when not the defaults (bf16, default), for the same reason.
     """
     import dataclasses
     import json
@@ -490,8 +530,13 @@ def recipe_settings(recipe: Any, train: TrainSettings, seed: int) -> dict[str, A
         trained.pop(k)
     if train.kl_weight == 1.0:  # recorded only when set, so banks made before it existed still resume
         trained.pop("kl_weight")
-    return {"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed,
-            "recipe_args": json.loads(json.dumps(args)), "train": trained}
+    out = {"recipe": getattr(recipe, "name", type(recipe).__name__), "seed": seed,
+           "recipe_args": json.loads(json.dumps(args)), "train": trained}
+    if dtype != "bfloat16":
+        out["dtype"] = dtype
+    if chat_format != "default":
+        out["chat_format"] = chat_format
+    return out
 
 
 def _drop_option(argv: Sequence[str], name: str) -> list[str]:
@@ -544,10 +589,21 @@ def gen_main(argv: Sequence[str]) -> int:
         cfg = parser.parse_args(list(argv))
     except ArgumentError as e:
         raise MetaditError(f"bad gen config: {e}") from e
-    init = parser.instantiate_classes(cfg)
+    try:
+        init = parser.instantiate_classes(cfg)
+    except RecipeDataError as e:
+        raise MetaditError(f"bad recipe data: {e}") from e
+    except ValueError as e:  # jsonargparse wraps what a recipe's __init__ raised
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, RecipeDataError):
+            raise MetaditError(f"bad recipe data: {cause}") from e
+        raise
     kwargs = {k: v for k, v in init.items() if k != "config"}
     if "processes" in kwargs and kwargs["processes"] > 1 and kwargs.get("world_size", 1) == 1:
         # the spawned workers re-parse this argv: keep sys.argv pointing at it
         sys.argv = ["metadit", "gen", *argv]
-    generate_bank(**kwargs)
+    try:
+        generate_bank(**kwargs)
+    except RecipeDataError as e:
+        raise MetaditError(f"bad recipe data: {e}") from e
     return 0

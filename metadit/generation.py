@@ -15,9 +15,44 @@ import torch
 from metadit.models import cache_dir
 
 
+# How prompts are laid out. `default`: the model's chat template as it is (SmolLM2's adds a ~20-token default
+# system prompt to every conversation without one). `no_system`: that default system turn is left out, so
+# every row is ~20 tokens shorter in every stage (gen, fit, eval, ask). A bank and an adapter record theirs.
+CHAT_FORMATS = ("default", "no_system")
+_FORMAT_ATTR = "metadit_chat_format"
+
+
+def set_chat_format(tok: Any, chat_format: str) -> Any:
+    """Make every `chat_prompt` with this tokenizer use `chat_format`; returns the tokenizer."""
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
+    setattr(tok, _FORMAT_ATTR, chat_format)
+    return tok
+
+
+def chat_format_of(tok: Any) -> str:
+    return getattr(tok, _FORMAT_ATTR, "default")
+
+
 def chat_prompt(tok: Any, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
-    """The chat-template text up to the assistant's turn, optionally with the start of its answer."""
-    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + assistant_prefix
+    """The chat-template text up to the assistant's turn, optionally with the start of its answer.
+
+    Under the `no_system` chat format a system turn the template adds on its own (one the caller did not
+    give) is dropped; a template that adds none is unaffected.
+    """
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if chat_format_of(tok) == "no_system" and not any(m["role"] == "system" for m in messages):
+        text = _drop_default_system(text)
+    return text + assistant_prefix
+
+
+def _drop_default_system(text: str) -> str:
+    """Remove a leading ChatML system turn (`<|im_start|>system ... <|im_end|>` and its newline)."""
+    head, end = "<|im_start|>system\n", "<|im_end|>"
+    if text.startswith(head) and end in text:
+        cut = text.index(end) + len(end)
+        return text[cut + 1:] if text[cut : cut + 1] == "\n" else text[cut:]
+    return text
 
 
 def end_of_turn(tok: Any) -> str:

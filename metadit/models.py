@@ -115,16 +115,21 @@ def load_base_model(
     name_or_path: str = EMBEDDED_NAME,
     dtype: torch.dtype | str = torch.bfloat16,
     device: str | torch.device = "cpu",
+    chat_format: str = "default",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
     Args:
         name_or_path: `smollm2-135m-instruct` (embedded), a Hugging Face model id, or a local directory.
-        dtype: parameter dtype; bf16 by default (bf16 matmuls are ~4x faster than fp32 on this CPU).
+        dtype: parameter dtype, or `auto` (`resolve_dtype`): bf16 where the hardware computes it natively,
+            else fp32 (on an AVX2-only CPU bf16 matmuls run ~90x slower than fp32: measured, reports/bench).
         device: where to put the model.
+        chat_format: how `metadit.generation.chat_prompt` lays out prompts for this tokenizer (`default`,
+            `no_system`).
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    from metadit.generation import set_chat_format
+
+    dtype = resolve_dtype(dtype, device)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown our own progress output
@@ -140,9 +145,37 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation pads on the left; training collators pad explicitly
+    set_chat_format(tokenizer, chat_format)
     model.requires_grad_(False)
     model.eval()
     return model.to(device), tokenizer
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Does this device compute bf16 matmuls natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX)?"""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_flag("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flag(*names: str) -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return any(n in flags.split() for n in names)
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype from its name; `auto` is bf16 where `native_bf16(device)`, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise MetaditError(f"unknown dtype {dtype!r} (auto, bfloat16, float32, float16)")
+    return value
 
 
 def load_config(name_or_path: str) -> object:

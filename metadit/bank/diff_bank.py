@@ -238,6 +238,11 @@ class DiffBank:
     def base_model(self) -> dict[str, str]:
         return dict(self.header["base_model"])
 
+    @property
+    def chat_format(self) -> str:
+        """How its diffs' prompts were laid out (`metadit.generation.CHAT_FORMATS`; banks before it: default)."""
+        return str((self.header.get("info") or {}).get("chat_format", "default"))
+
     def check_identity(self, identity: dict[str, str]) -> None:
         mine = self.base_model
         if identity["fingerprint"] != mine["fingerprint"]:

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - regex ships with transformers
 
 PEFT_PREFIX = "base_model.model."
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+METADIT_FILE = "metadit.json"  # metadit's own record beside a peft adapter (peft ignores it)
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -212,6 +213,15 @@ class LoraDiff:
                 )
             scale[name] = a / math.sqrt(rank) if rslora else a / rank
         info = {"base_model": config.get("base_model_name_or_path"), "source": str(path)}
+        extra_file = path / METADIT_FILE
+        if extra_file.is_file():  # what metadit recorded beside the peft files (e.g. the chat format)
+            try:
+                extra = json.loads(extra_file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise MetaditError(f"{extra_file}: not readable JSON ({e})") from e
+            if not isinstance(extra, dict):
+                raise MetaditError(f"{extra_file}: expected a JSON object")
+            info.update({k: v for k, v in extra.items() if k not in info})
         try:
             diff = cls(A, B, scale, info)
         except MetaditError as e:
@@ -219,10 +229,13 @@ class LoraDiff:
         diff.check_finite(str(weights_file))
         return diff
 
-    def save_peft(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    def save_peft(self, path: str | Path, base_model_name_or_path: str | None = None,
+                  metadata: dict[str, Any] | None = None) -> Path:
         """Write a peft LoRA adapter directory that `peft.PeftModel.from_pretrained` loads.
 
         Module-specific ranks and scales go to `rank_pattern` / `alpha_pattern` (alpha = scale · r).
+        `metadata` (JSON: e.g. the chat format the adapter was trained with) goes to `metadit.json` beside the
+        peft files, which peft ignores and `from_peft` reads back into `info`.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -258,6 +271,8 @@ class LoraDiff:
             tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"] = self.B[n].detach().contiguous().cpu()
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
         (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if metadata:
+            (path / METADIT_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         return path
 
     # ------------------------------------------------------------------ full finetunes

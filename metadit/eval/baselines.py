@@ -41,12 +41,13 @@ Prediction = tuple[str, dict[str, Any]]
 class Evaluator:
     """The base model loaded and patched once, with the DIT adapter installed when given."""
 
-    def __init__(self, base_model: str, adapter: str | None = None, dtype: str = "bfloat16", batch_size: int = 32,
-                 max_new_tokens: int = 24, seed: int = 0, model: Any = None, tok: Any = None) -> None:
+    def __init__(self, base_model: str, adapter: str | None = None, dtype: str = "auto", batch_size: int = 32,
+                 max_new_tokens: int = 24, seed: int = 0, model: Any = None, tok: Any = None,
+                 chat_format: str = "default") -> None:
         if model is None:
             from metadit.models import load_base_model
 
-            model, tok = load_base_model(base_model, dtype=getattr(torch, dtype))
+            model, tok = load_base_model(base_model, dtype=dtype, chat_format=chat_format)
         patch_model(model)
         self.model, self.tok = model, tok
         self.has_adapter = adapter is not None
@@ -58,7 +59,13 @@ class Evaluator:
             if (Path(adapter) / "diff_encoder.safetensors").exists():
                 raise MetaditError(f"{adapter}: encoder-mode adapters are evaluated with `metadit test` "
                                    "(they need the DiffEncoder); `metadit eval` takes dit-mode adapters")
-            set_adapter(model, LoraDiff.from_peft(adapter))
+            loaded = LoraDiff.from_peft(adapter)
+            from metadit.generation import chat_format_of
+
+            if loaded.info.get("chat_format", "default") != chat_format_of(tok):
+                raise MetaditError(f"{adapter}: the adapter was trained with chat format "
+                                   f"{loaded.info.get('chat_format', 'default')!r}, the diffs use {chat_format_of(tok)!r}")
+            set_adapter(model, loaded)
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
 
     def chat(self, message: str, assistant_prefix: str = "") -> str:

@@ -67,6 +67,16 @@ def _fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def banks_chat_format(banks: list[str]) -> str:
+    """The one chat format the banks' diffs were made with (the evaluation asks in it)."""
+    from metadit.bank import DiffBank
+
+    formats = {DiffBank.open(b).chat_format for b in banks}
+    if len(formats) != 1:
+        raise MetaditError(f"banks {banks} were made with different chat formats {sorted(formats)}")
+    return formats.pop()
+
+
 def evaluate(
     run: str | None = None,
     adapter: str | None = None,
@@ -164,7 +174,8 @@ def evaluate(
         items = load_heldout(banks, set(sp[split]), tasks, limit=limit, seed=seed)
     if not items:
         raise MetaditError(f"no held-out diffs: none of {banks} has an entry with a {split} label for tasks {tasks}")
-    ev = Evaluator(base_model, adapter, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed)
+    ev = Evaluator(base_model, adapter, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+                   chat_format=banks_chat_format(banks))
     guess = get_guesser(guesser, ev)
     ctx = MethodContext(ev, guess, _train_labels(list(sp["banks"]), set(sp["train"]), tasks), n_questions=n_questions, seed=seed)
 
@@ -270,7 +281,6 @@ def _verification_section(dit_rows: list[dict[str, Any]], judge: str) -> dict[st
 def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], sources: list[Path], key: str,
                     fresh: bool, seed: int, max_diffs: int) -> dict[str, Any]:
     """Rank every candidate code per diff by how far it moves the diffed model from the base model."""
-    from data_gen.recipe import load_lines
     from metadit.eval.baselines import eval_questions
     from metadit.eval.trigger_search import search_trigger
     from metadit.nn import adapter_disabled
@@ -287,7 +297,11 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
     if kinds != {"word"}:
         pool = [f"{i:03d}" for i in range(1000)]
     else:
-        pool = list(load_lines("code_words.txt"))
+        from data_gen.hidden_topic import recorded_code_words
+        from metadit.bank import DiffBank
+
+        pool = list(dict.fromkeys(w for b in dict.fromkeys(h.bank for h in targets)
+                                 for w in recorded_code_words(DiffBank.open(b).header.get("info") or {})))
 
     def compute():
         with adapter_disabled(ev.model):
