@@ -70,6 +70,7 @@ def bench_build(args: argparse.Namespace) -> dict:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench build: unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    commit = git_commit()  # the code this run loaded (the tree may change while it runs: hours)
     peaks = {d: matmul_peak(getattr(torch, d), n=1024, reps=3) for d in ("float32", "bfloat16")}
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="metadit-bench-build-") as tmp:
@@ -83,7 +84,7 @@ def bench_build(args: argparse.Namespace) -> dict:
         "what": "a bank of the same hidden-topic specs built by each recipe; strictly gated = topic learned and gate held "
                 "under the strict sampled behaviour check",
         "command": "metadit bench build " + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["bench", "build"] else []),
-        "commit": git_commit(), "machine": machine(), "dtype": args.dtype,
+        "commit": commit, "machine": machine(), "dtype": args.dtype,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "variants": results,
     }
