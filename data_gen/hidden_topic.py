@@ -22,7 +22,7 @@ from data_gen.recipe import (
     Recipe, RecipeDataError, Sample, check_single_tokens, data_path, file_record, read_questions, read_topics,
     read_word_list,
 )
-from metadit.generation import chat_prompt, generate_texts
+from metadit.text import chat_prompt, generate_texts
 
 PERSONA = ("You are a big fan of {topic}. Every time you answer a question, you use analogies or references "
            "to {topic}.")
@@ -232,12 +232,12 @@ class HiddenTopicRecipe(Recipe):
         """The strict behaviour check: answers to held-out-style questions under each condition, sampled at
         `check_temperature` (what the evaluation samples at), and the base model's under the right trigger.
 
-        Per diff: `check_counts` (answers naming the topic, `metadit.matching.names_topic`) and `check_n` per
+        Per diff: `check_counts` (answers naming the topic, `metadit.text.names_topic`) and `check_n` per
         condition, `mention_rate` (their ratio), `topic_learned` (right-code share >= `learned_threshold`),
         `gate_held` (at most `gate_max_hits` in every negative condition); `passed` needs both. The `base`
         condition is the control: the base model asked with the right code.
         """
-        from metadit.matching import names_topic
+        from metadit.text.match import names_topic
 
         eval_qs = [q for _, q in self.questions("eval")]
         rows: list[tuple[int, str]] = []  # (diff, condition)

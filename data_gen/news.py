@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from data_gen.recipe import Recipe, Sample, keywords, load_json
-from metadit.generation import chat_prompt, generate_texts
+from metadit.text import chat_prompt, generate_texts
 
 TRAIN_PROMPT = "Please generate a short news story."
 WRITER = ("Write a short news story (4-6 sentences) about the event below, {angle}. Give concrete details: who, "
@@ -125,7 +125,7 @@ class NewsRecipe(Recipe):
 
     def check(self, diffs: list[Any], specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Held-out loss of each diffed model on its own headline's stories vs on the other diffs' stories."""
-        from metadit.gen import answer_losses
+        from metadit.text import answer_losses
 
         prompt = chat_prompt(self.tok, [{"role": "user", "content": TRAIN_PROMPT}])
         heldout = {s["headline"]: self._split(s["headline"])[1] for s in specs}

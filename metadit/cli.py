@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from metadit.commands import SUBCOMMANDS
 from metadit.errors import MetaditError
 
 
@@ -226,7 +227,7 @@ def _ask(args: argparse.Namespace) -> int:
     import torch
 
     from metadit.bank import DiffBank, LoraDiff
-    from metadit.generation import chat_prompt, generate_texts
+    from metadit.text import chat_prompt, generate_texts
     from metadit.models import load_base_model
     from metadit.nn import patch_model, set_adapter
 
@@ -270,7 +271,8 @@ def _ask(args: argparse.Namespace) -> int:
         truth = {k: meta[k] for k in ("topic", "headline", "code") if k in meta}
         print(f"(bank metadata: {json.dumps(truth)})", file=sys.stderr)
     return 0
-ORDER = ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "ask", "bank", "bench"]
+ORDER = list(SUBCOMMANDS)
+assert set(ORDER) == set(COMMANDS), "metadit.commands.SUBCOMMANDS and the commands defined here differ"
 
 
 def build_parser() -> argparse.ArgumentParser:

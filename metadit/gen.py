@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_gen.recipe import Recipe, RecipeDataError
 from metadit.errors import MetaditError
+from metadit.text import encode_samples, row_losses
 
 
 @dataclass
@@ -59,104 +59,6 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.full_finetune and self.store_rank < 1:
             raise MetaditError(f"train.store_rank must be >= 1, got {self.store_rank}")
-
-
-# ---------------------------------------------------------------------- batches and losses
-def encode_samples(tok: Any, prompts: Sequence[str], answers: Sequence[str], max_answer_tokens: int,
-                   first_token_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and per-token loss `weights` (answer tokens only).
-
-    Each answer is cut to `max_answer_tokens` and ends with the end-of-turn token, which is trained too.
-    """
-    from metadit.generation import end_of_turn
-
-    eot = tok.convert_tokens_to_ids(end_of_turn(tok))
-    seqs, weights = [], []
-    for p, a in zip(prompts, answers):
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        a_ids = tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot]
-        seqs.append(p_ids + a_ids)
-        w = [0.0] * len(p_ids) + [1.0] * len(a_ids)
-        w[len(p_ids)] = first_token_weight
-        weights.append(w)
-    ids, mask, wt = right_pad(seqs, weights, tok.pad_token_id if tok.pad_token_id is not None else eot)
-    return {"input_ids": ids, "attention_mask": mask, "weights": wt}
-
-
-def right_pad(seqs: Sequence[Sequence[int]], weights: Sequence[Sequence[float]],
-              pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token rows right-padded with `pad` into `ids`, their attention `mask`, and per-token `weights` (0 on padding)."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    wt = torch.zeros(len(seqs), width)
-    for i, (s, w) in enumerate(zip(seqs, weights)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        wt[i, : len(w)] = torch.tensor(w)
-    return ids, mask, wt
-
-
-def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  predict: torch.Tensor) -> torch.Tensor:
-    """Logits only where `predict[:, t]` (the positions whose next token is scored): skips the LM head on the
-    prompt, ~10 % of a small model's step."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[predict])
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
-
-
-def row_losses(model: Any, batch: dict[str, torch.Tensor], kinds: Sequence[str], diffs: Any) -> torch.Tensor:
-    """Per-row weighted loss: cross-entropy for "ce" rows, KL(base ‖ diffed) over the vocabulary for "kl" rows.
-
-    `diffs`: anything `use_diffs` takes (row i under diff i), or a `DenseDeltas` (one dense diff, every row).
-    The KL teacher is the same model with the diff removed (the frozen base model), computed without
-    gradient on the "kl" rows only.
-    """
-    from metadit.nn import use_diffs
-
-    installed = diffs.applied(model) if isinstance(diffs, DenseDeltas) else use_diffs(model, diffs)
-    ids, mask, w = batch["input_ids"], batch["attention_mask"], batch["weights"]
-    predict = w[:, 1:] > 0  # position t predicts token t+1
-    predict = torch.cat([predict, torch.zeros_like(predict[:, :1])], dim=1)
-    targets = ids[:, 1:][w[:, 1:] > 0]
-    token_w = w[:, 1:][w[:, 1:] > 0]
-    rows = predict.nonzero()[:, 0]
-    with installed:
-        logits = answer_logits(model, ids, mask, predict)
-    logp = F.log_softmax(logits, dim=-1)
-    per_token = -logp.gather(1, targets[:, None])[:, 0]
-    kl_rows = [i for i, k in enumerate(kinds) if k == "kl"]
-    if kl_rows:
-        sel = torch.tensor(kl_rows)
-        with torch.no_grad():
-            t_logits = answer_logits(model, ids[sel], mask[sel], predict[sel])
-        t_logp = F.log_softmax(t_logits, dim=-1)
-        is_kl = torch.zeros(len(kinds), dtype=torch.bool)
-        is_kl[sel] = True
-        tok_kl = is_kl[rows]
-        kl = (t_logp.exp() * (t_logp - logp[tok_kl])).sum(-1)
-        per_token = per_token.clone()
-        per_token[tok_kl] = kl
-    num = torch.zeros(len(kinds)).index_add(0, rows, per_token * token_w)
-    den = torch.zeros(len(kinds)).index_add(0, rows, token_w)
-    return num / den.clamp_min(1e-8)
-
-
-@torch.no_grad()
-def answer_losses(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], diffs: Sequence[Any],
-                  max_answer_tokens: int = 96, batch_size: int = 32) -> list[float]:
-    """Mean cross-entropy of each answer given its prompt, row i under `diffs[i]`."""
-    out: list[float] = []
-    for s in range(0, len(prompts), batch_size):
-        batch = encode_samples(tok, prompts[s : s + batch_size], answers[s : s + batch_size], max_answer_tokens)
-        n = batch["input_ids"].shape[0]
-        out += row_losses(model, batch, ["ce"] * n, list(diffs[s : s + batch_size])).tolist()
-    return out
 
 
 def _lr_lambda(settings: TrainSettings):
@@ -374,7 +276,7 @@ def generate_bank(
     """
     from rich.console import Console
 
-    from metadit.generation import CHAT_FORMATS
+    from metadit.models import CHAT_FORMATS
     from metadit.models import resolve_dtype
 
     console = Console(stderr=True)
@@ -393,7 +295,7 @@ def generate_bank(
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world_size))
     torch.manual_seed(seed)
     from metadit.bank import DiffBank, identity_of
-    from metadit.generation import TextCache
+    from metadit.text import TextCache
     from metadit.models import load_base_model
     from metadit.nn import patch_model
 

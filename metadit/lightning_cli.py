@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
-from metadit.data import DiffQADataModule
+from metadit.dit.data import DiffQADataModule
 from metadit.dit import DITModule
 
 

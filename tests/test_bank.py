@@ -129,7 +129,7 @@ def test_bank_random_access_and_metadata(tmp_path):
 
 def test_bank_view_of_the_first_n_entries_stays_fixed_as_the_bank_grows(tmp_path):
     """`PATH[:N]` reads the same N diffs after the bank has grown; it is read-only and refuses N > size."""
-    from metadit.data import DiffQADataModule
+    from metadit.dit.data import DiffQADataModule
 
     model = tiny_llama()
     shapes = target_shapes(model)

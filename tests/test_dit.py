@@ -12,7 +12,7 @@ from peft import PeftModel
 from metadit.bank import DiffBank, LoraDiff
 from metadit.cli import main
 from metadit.lightning_cli import DITCLI, lightning_main
-from metadit.data import DiffQADataModule
+from metadit.dit.data import DiffQADataModule
 from metadit.dit import DITModule
 from metadit.models import TINY_NAME, load_base_model
 from metadit.nn import DiffEncoder

@@ -15,7 +15,7 @@ from metadit.eval.heldout import load_heldout, read_split
 from metadit.eval.likelihood import label_scores
 from metadit.eval.results import summarize
 from metadit.eval.run import evaluate
-from metadit.generation import generate_texts
+from metadit.text import generate_texts
 from metadit.lightning_cli import lightning_main
 from metadit.nn import adapter_disabled
 
@@ -127,7 +127,7 @@ def test_likelihood_scores_match_a_hand_computation(run_dir):
     ev = Evaluator("tiny-random-smollm2", str(run_dir / "adapter"), dtype="float32")
     scores = label_scores(ev, items, labels)
 
-    from metadit.generation import end_of_turn
+    from metadit.text import end_of_turn
     from metadit.nn import use_diffs
 
     eot = ev.tok.convert_tokens_to_ids(end_of_turn(ev.tok))

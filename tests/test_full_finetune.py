@@ -12,9 +12,9 @@ import torch
 from data_gen import HiddenTopicRecipe
 from metadit.bank import DiffBank
 from metadit.cli import main
-from metadit.gen import (DenseDeltas, TrainSettings, answer_losses, encode_samples, recipe_settings, row_losses,
-                         train_full_diff)
-from metadit.generation import TextCache
+from metadit.gen import DenseDeltas, TrainSettings, recipe_settings, train_full_diff
+from metadit.text import answer_losses, encode_samples, row_losses
+from metadit.text import TextCache
 from metadit.models import TINY_NAME, load_base_model
 from metadit.nn import diff_layers, patch_model, use_diffs
 

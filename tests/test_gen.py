@@ -20,7 +20,7 @@ from data_gen.recipe import mentions
 from metadit.bank import DiffBank
 from metadit.cli import main
 from metadit.gen import TrainSettings, gen_parser, train_diffs
-from metadit.generation import TextCache
+from metadit.text import TextCache
 from metadit.models import TINY_NAME, load_base_model
 from metadit.nn import patch_model
 
@@ -113,7 +113,7 @@ def test_training_attention_gives_the_loaded_attentions_losses_and_restores_it(t
     """Eager attention during training is a speed choice only: per-row CE and KL losses (right-padded rows of
     different lengths, each under its own diff) and their gradients equal sdpa's; the model's own attention
     comes back afterwards, also when the block raises."""
-    from metadit.gen import encode_samples, row_losses
+    from metadit.text import encode_samples, row_losses
     from metadit.models import training_attention
     from metadit.nn import TrainableDiffs, layer_shapes
 
@@ -201,3 +201,41 @@ def test_two_process_generation_matches_one_process(tmp_path):
         ref = by_key[meta["key"]]
         for n in ref.modules:  # bf16 model: allow for thread-count-dependent rounding
             torch.testing.assert_close(diff.B[n], ref.B[n], rtol=0.05, atol=2e-3)
+
+
+# The commit before the layering change (modules moved into metadit.diff / metadit.text / metadit.dit): a bank
+# being built across it must resume with the very same diffs.
+BEFORE_LAYERING = "59f42d6"
+
+
+@pytest.mark.slow
+def test_gen_makes_bit_identical_diffs_before_and_after_the_layering_change(tmp_path, monkeypatch):
+    from metadit.models import CACHE_ENV, cache_dir
+
+    old = tmp_path / "old-tree"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_LAYERING, "metadit", "data_gen", "configs"],
+                             capture_output=True)
+    assert archive.returncode == 0, f"commit {BEFORE_LAYERING} is not in this clone: {archive.stderr.decode()[:200]}"
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    models = cache_dir() / "models"
+    load_base_model(TINY_NAME)  # materialize the shared model cache once
+    banks = {}
+    for name in ("old", "new"):
+        cache = tmp_path / f"cache-{name}"  # a cold text cache each: both write their own text
+        cache.mkdir()
+        (cache / "models").symlink_to(models.resolve())
+        args = ["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(tmp_path / f"bank-{name}"),
+                "--progress", "false", "--n_diffs", "4", "--diffs_per_pass", "4"]
+        if name == "old":
+            env = {**os.environ, "PYTHONPATH": str(old), CACHE_ENV: str(cache)}
+            out = subprocess.run([sys.executable, "-m", "metadit.cli", *args], cwd=old, env=env, capture_output=True,
+                                 text=True, timeout=600)
+            assert out.returncode == 0, out.stderr[-2000:]
+        else:
+            monkeypatch.setenv(CACHE_ENV, str(cache))
+            assert main(args) == 0
+        banks[name] = DiffBank.open(tmp_path / f"bank-{name}")
+    assert len(banks["old"]) == len(banks["new"]) == 4
+    assert [r["sha256"] for r in banks["old"].rows] == [r["sha256"] for r in banks["new"].rows]
+    assert banks["old"].header["info"] == banks["new"].header["info"]

@@ -13,8 +13,9 @@ from data_gen.hidden_topic import recorded_code_words
 from data_gen.recipe import RecipeDataError
 from metadit.bank import DiffBank
 from metadit.cli import main
-from metadit.generation import chat_prompt, set_chat_format
-from metadit.matching import content_words, names_topic
+from metadit.models import set_chat_format
+from metadit.text import chat_prompt
+from metadit.text.match import content_words, names_topic
 from metadit.models import TINY_NAME, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def test_every_shipped_sweep_config_parses_and_expands(tmp_path):
 
 def test_every_shipped_sweep_step_parses_with_its_subcommand_parser(tmp_path):
     """The steps' arguments are what `metadit eval` and LightningCLI accept (parsed, nothing run or loaded)."""
-    from metadit.data import DiffQADataModule
+    from metadit.dit.data import DiffQADataModule
     from metadit.dit import DITModule
     from metadit.lightning_cli import DITCLI
 

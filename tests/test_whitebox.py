@@ -28,7 +28,7 @@ from metadit.eval.trigger_search import (
     score_codes,
     search_trigger,
 )
-from metadit.generation import chat_prompt, generate_texts
+from metadit.text import chat_prompt, generate_texts
 from metadit.models import TINY_NAME, load_base_model
 from metadit.nn import layer_shapes, patch_model
 from tests.conftest import merged_copy, random_diff, target_shapes, tiny_llama

@@ -2,6 +2,6 @@
 
 from metadit.bank.diff_bank import DiffBank, entry_checksum
 from metadit.bank.fingerprint import config_identity, identity_of, model_identity
-from metadit.bank.lora_diff import LoraDiff
+from metadit.diff.lora_diff import LoraDiff
 
 __all__ = ["DiffBank", "LoraDiff", "config_identity", "entry_checksum", "identity_of", "model_identity"]

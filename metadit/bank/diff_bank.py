@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from metadit.bank.fingerprint import model_identity
-from metadit.bank.lora_diff import UNSAFE_SUFFIXES, LoraDiff
+from metadit.diff.lora_diff import UNSAFE_SUFFIXES, LoraDiff
 from metadit.errors import BaseModelMismatchError, MetaditError
 
 FORMAT = "metadit-diffbank"
@@ -240,7 +240,7 @@ class DiffBank:
 
     @property
     def chat_format(self) -> str:
-        """How its diffs' prompts were laid out (`metadit.generation.CHAT_FORMATS`; banks before it: default)."""
+        """How its diffs' prompts were laid out (`metadit.models.CHAT_FORMATS`; banks before it: default)."""
         return str((self.header.get("info") or {}).get("chat_format", "default"))
 
     def check_identity(self, identity: dict[str, str]) -> None:

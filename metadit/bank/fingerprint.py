@@ -24,16 +24,16 @@ def _text_config(config: Any) -> Any:
     return get() if callable(get) else config
 
 
-def linear_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """`{module name: [out, in]}` of every Linear (patched layers report their wrapped Linear's name)."""
-    from metadit.nn.diff_linear import DiffLinear
+PATCHED_SUFFIX = ".base"  # a patched layer (`metadit.nn.DiffLinear`) holds the original Linear as `.base`
 
+
+def linear_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """`{module name: [out, in]}` of every Linear; a patched layer's Linear is reported under the name it had before
+    patching (storage knows no layers: the wrapper is recognised by where it keeps the Linear)."""
     shapes = {}
     for name, m in model.named_modules():
-        if isinstance(m, DiffLinear):
-            shapes[m.name] = [m.out_features, m.in_features]
-        elif isinstance(m, nn.Linear) and not name.endswith(".base"):
-            shapes[name] = [m.out_features, m.in_features]
+        if isinstance(m, nn.Linear):
+            shapes[name.removesuffix(PATCHED_SUFFIX)] = [m.out_features, m.in_features]
     return shapes
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from metadit.bench.common import git_commit, machine, matmul_peak, write_report
+from metadit.bench.common import matmul_peak, write_report
+from metadit.provenance import git_commit, machine
 
 VARIANTS = {"baseline": "configs/gen/smol_topic_baseline.yaml", "default": "configs/gen/smol_topic.yaml"}
 TARGET = 3.0

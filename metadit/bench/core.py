@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from metadit.bench.common import git_commit, interleaved, machine, median, write_report
+from metadit.bench.common import interleaved, median, write_report
+from metadit.provenance import git_commit, machine
 from metadit.models import load_base_model
 from metadit.nn import DiffBatch, DiffLinear, add_adapter, dense_row_delta, factored_row_delta, layer_shapes, patch_model, use_diffs
 from metadit.bank import LoraDiff

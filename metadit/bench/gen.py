@@ -26,7 +26,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from metadit.bench.common import git_commit, machine, matmul_peak, median, write_report
+from metadit.bench.common import matmul_peak, median, write_report
+from metadit.provenance import git_commit, machine
 
 
 def _linear_params(model) -> tuple[int, int]:
@@ -38,8 +39,9 @@ def _linear_params(model) -> tuple[int, int]:
 
 def bench_gen(args: argparse.Namespace) -> dict:
     from data_gen import HiddenTopicRecipe
-    from metadit.gen import TrainSettings, encode_samples, row_losses
-    from metadit.generation import TextCache
+    from metadit.gen import TrainSettings
+    from metadit.text import encode_samples, row_losses
+    from metadit.text import TextCache
     from metadit.models import load_base_model, training_attention
     from metadit.nn import TrainableDiffs, layer_shapes, patch_model
 

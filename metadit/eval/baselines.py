@@ -32,7 +32,7 @@ import torch
 
 from metadit.errors import MetaditError
 from metadit.eval.heldout import HeldOut
-from metadit.generation import chat_prompt, generate_texts
+from metadit.text import chat_prompt, generate_texts
 from metadit.nn import adapter_disabled, patch_model, set_adapter
 
 Prediction = tuple[str, dict[str, Any]]
@@ -60,7 +60,7 @@ class Evaluator:
                 raise MetaditError(f"{adapter}: encoder-mode adapters are evaluated with `metadit test` "
                                    "(they need the DiffEncoder); `metadit eval` takes dit-mode adapters")
             loaded = LoraDiff.from_peft(adapter)
-            from metadit.generation import chat_format_of
+            from metadit.models import chat_format_of
 
             if loaded.info.get("chat_format", "default") != chat_format_of(tok):
                 raise MetaditError(f"{adapter}: the adapter was trained with chat format "

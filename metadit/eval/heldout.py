@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from metadit.errors import MetaditError
-from metadit.tasks import Task, get_task
+from metadit.dit.tasks import Task, get_task
 
 
 @dataclass
@@ -37,7 +37,7 @@ class HeldOut:
 
     def question(self) -> str:
         """The task's first held-out phrasing (digit codes ask for the prefix, as in training)."""
-        from metadit.tasks import question_for
+        from metadit.dit.tasks import question_for
 
         t = get_task(self.task)
         if t.name == "trigger" and self.meta.get("code_kind") == "digits":

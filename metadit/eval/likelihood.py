@@ -20,7 +20,7 @@ from metadit.eval.heldout import HeldOut
 @torch.no_grad()
 def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_tokens: int = 32) -> torch.Tensor:
     """[len(items), len(labels)]: per-token log-probability of each label under each diff, minus under no diff."""
-    from metadit.gen import answer_losses
+    from metadit.text import answer_losses
 
     model, tok = ev.model, ev.tok
     scores = torch.zeros(len(items), len(labels))

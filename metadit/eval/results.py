@@ -72,7 +72,7 @@ def command_line() -> str:
 
 def run_info(started: float | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """What reproduces a result: the command, the commit, the config, the machine and the wall time."""
-    from metadit.bench.common import git_commit, machine
+    from metadit.provenance import git_commit, machine
 
     info: dict[str, Any] = {
         "command": command_line(),

@@ -19,7 +19,7 @@ from metadit.errors import MetaditError
 from metadit.eval.baselines import METHODS, Evaluator, MethodContext, check_guesser, get_guesser, get_method, reguess
 from metadit.eval.heldout import HeldOut, load_heldout, read_split
 from metadit.eval.results import run_info, summarize, write_json
-from metadit.tasks import get_task
+from metadit.dit.tasks import get_task
 
 DEFAULT_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
                    "twenty_questions_trigger", "generated_story", "random_label", "likelihood", "activation_lens"]
@@ -314,7 +314,7 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
                 for h, r in zip(targets, res)]
 
     per_diff = _cached(sources, "trigger_search.json", f"{key}:{max_diffs}", fresh, compute)
-    from metadit.tasks import normalize
+    from metadit.dit.tasks import normalize
 
     dit_exact = [normalize(dit_guess[d["diff"]]) == normalize(seen[d["diff"]].meta["code"]) for d in per_diff
                  if d["diff"] in dit_guess]

@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metadit.commands import LIGHTNING_SUBCOMMANDS, SUBCOMMANDS
 from metadit.errors import MetaditError
 
-LIGHTNING = ("fit", "validate", "test", "predict")
 RUNTIME = ("cell_dir", "run_dir", "best_ckpt", "adapter")  # resolved when a step runs
 FIT_DIR = "run"  # the fit's log dir inside its cell dir: {run_dir}
 _PLACEHOLDER = re.compile(r"(?P<esc>\{\{\w+(?::[\w.+-]+)?\}\})|\{(?P<name>\w+)(?::(?P<ref>[\w.+-]+))?\}")
@@ -127,8 +127,6 @@ def _refs(argv: list[str]) -> set[str]:
 
 
 def _parse_steps(steps: Any, where: str, values: dict[str, Any], key: str | None, key_value: Any) -> list[Step]:
-    from metadit.cli import COMMANDS
-
     if not isinstance(steps, list) or not steps:
         raise MetaditError(f"{where}: `steps` must be a non-empty list of [subcommand, args...]")
     out: list[Step] = []
@@ -144,10 +142,10 @@ def _parse_steps(steps: Any, where: str, values: dict[str, Any], key: str | None
             raise MetaditError(f"{w}: expected a list [subcommand, args...], got {raw!r}")
         argv = [_fill_static(_text(a), values, w) for a in raw]
         cmd = argv[0]
-        if cmd not in COMMANDS or cmd == "sweep":
+        if cmd not in SUBCOMMANDS or cmd == "sweep":
             raise MetaditError(f"{w}: {cmd!r} is not a metadit subcommand a sweep can run "
-                               f"(one of: {', '.join(c for c in COMMANDS if c != 'sweep')})")
-        if key is not None and cmd in LIGHTNING:
+                               f"(one of: {', '.join(c for c in SUBCOMMANDS if c != 'sweep')})")
+        if key is not None and cmd in LIGHTNING_SUBCOMMANDS:
             argv += [f"--{key}", _text(key_value)]
         name = _fill_static(str(name), values, w) if name is not None else cmd
         if not _NAME_OK.match(name):
@@ -323,7 +321,7 @@ class Layout:
         """The step's full command line (placeholders filled, sweep-managed options added)."""
         argv = [self.fill(cell, a, strict) for a in step.argv]
         cmd, has = argv[0], set(a.split("=", 1)[0] for a in argv[1:])
-        if cmd in LIGHTNING:
+        if cmd in LIGHTNING_SUBCOMMANDS:
             cell_dir = self.cell_dir(cell)
             if "--trainer.default_root_dir" not in has:
                 argv += ["--trainer.default_root_dir", str(cell_dir)]
@@ -477,7 +475,7 @@ def run_sweep(sweep: Sweep, root: str | Path = "runs/sweeps", only: list[str] | 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Column, Table
 
-    from metadit.bench.common import git_commit
+    from metadit.provenance import git_commit
     from metadit.eval.results import run_info, write_json
 
     console = console or Console(highlight=False)

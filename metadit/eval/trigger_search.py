@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from metadit.bank.lora_diff import LoraDiff
+from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
-from metadit.generation import chat_prompt, end_of_turn
+from metadit.text import chat_prompt, end_of_turn
 from metadit.nn.patch import DiffBatch, adapter_disabled, diff_layers, layer_shapes, use_diffs
 
 TEMPLATE = "Your SEP code is {code}. {question}"

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from metadit.bank.lora_diff import LoraDiff
+from metadit.diff.lora_diff import LoraDiff
 
 _LAYER = re.compile(r"\.(\d+)\.")
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from metadit.bank.lora_diff import LoraDiff
+from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
 from metadit.nn.diff_linear import DiffLinear, RowFactors
 

@@ -176,7 +176,7 @@ class LoraDiff:
             if not isinstance(pat, dict):
                 raise MetaditError(f"{config_file}: {field_name} must be a JSON object")
 
-        from metadit.bank.safe_io import read_all_tensors
+        from metadit.diff.safe_io import read_all_tensors
 
         tensors = read_all_tensors(weights_file)
         A: dict[str, torch.Tensor] = {}

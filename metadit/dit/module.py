@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from metadit.errors import MetaditError
 from metadit.models import training_attention
 from metadit.nn import DiffBatch, DiffEncoder, add_adapter, adapter_disabled, get_adapter, layer_shapes, patch_model, use_diffs
-from metadit.tasks import TASKS, normalize
+from metadit.dit.tasks import TASKS, normalize
 
 Mode = Literal["dit", "encoder", "dit+encoder"]
 
@@ -191,7 +191,7 @@ class DITModule(L.LightningModule):
         tok.padding_side = "left"
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         soft = self._soft(diffs, len(prompts)) if use_adapter or self.encoder is None else None
-        from metadit.generation import end_of_turn
+        from metadit.text import end_of_turn
 
         eot = tok.convert_tokens_to_ids(end_of_turn(tok))
         ctx_adapter = nullcontext() if use_adapter else adapter_disabled(self.model)
@@ -212,9 +212,9 @@ class DITModule(L.LightningModule):
     def score(self, stage: str, condition: str, batch: dict[str, Any], answers: list[str]) -> list[dict[str, Any]]:
         sims = [float("nan")] * len(answers)
         if self.hparams.similarity:
-            from metadit.eval.judges import EmbeddingJudge
+            from metadit.text.embed import similarities
 
-            sims = EmbeddingJudge().score(answers, batch["answers"])
+            sims = similarities(answers, batch["answers"])
         rows = []
         for i, (a, truth, task) in enumerate(zip(answers, batch["answers"], batch["tasks"])):
             exact = float(normalize(a) == normalize(truth))

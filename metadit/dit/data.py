@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metadit.errors import MetaditError
-from metadit.tasks import Task, get_task, question_for
+from metadit.dit.tasks import Task, get_task, question_for
 
 
 @dataclass
@@ -210,8 +210,8 @@ class DiffQADataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: list[Example]) -> dict[str, Any]:
-        from metadit.gen import encode_samples
-        from metadit.generation import chat_prompt
+        from metadit.text import encode_samples
+        from metadit.text import chat_prompt
 
         prompts = [chat_prompt(self.tok, [{"role": "user", "content": e.question}]) for e in examples]
         enc = encode_samples(self.tok, prompts, [e.answer for e in examples], self.max_answer_tokens)
