@@ -154,11 +154,6 @@ def load_json(name: str) -> Any:
     return json.loads((DATA / name).read_text())
 
 
-@lru_cache(maxsize=None)
-def load_lines(name: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in (DATA / name).read_text().splitlines() if w.strip() and not w.startswith("#"))
-
-
 def topics() -> list[tuple[str, str]]:
     """(category, topic) pairs in file order."""
     return [(c, t) for c, ts in load_json("topics.json").items() for t in ts]
@@ -187,9 +182,3 @@ def keywords(phrase: str) -> list[str]:
                 break
         out.append(w)
     return out or [phrase.lower()]
-
-
-def mentions(text: str, phrase: str) -> bool:
-    """Does `text` mention the topic? Any content word of it (plural-insensitive prefix match)."""
-    low = text.lower()
-    return any(re.search(rf"\b{re.escape(k[:-1] if k.endswith('y') and len(k) > 4 else k)}", low) for k in keywords(phrase))

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_gen.recipe import mentions
+from metadit.text import names_topic
 
 
 def answers(evidence: str) -> list[str]:
@@ -29,14 +29,14 @@ def main(eval_dir: str) -> None:
         rows = json.loads(path.read_text())["rows"]
         shares = []
         for r in rows:
-            hits = [mentions(a, r["truth"]) for a in answers(r["extra"]["evidence"])]
+            hits = [names_topic(a, r["truth"]) for a in answers(r["extra"]["evidence"])]
             shares.append(sum(hits) / max(len(hits), 1))
         print(f"{name}: answers name the topic for {sum(s > 0 for s in shares)}/{len(rows)} diffs; "
               f"mean share of answers naming it {sum(shares) / len(shares):.1%}")
     path = methods / "activation_lens.json"
     if path.is_file():
         rows = json.loads(path.read_text())["rows"]
-        n = sum(mentions(r["extra"]["evidence_text"], r["truth"]) for r in rows)
+        n = sum(names_topic(r["extra"]["evidence_text"], r["truth"]) for r in rows)
         print(f"activation_lens: evidence names the topic for {n}/{len(rows)} diffs")
 
 

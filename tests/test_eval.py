@@ -195,9 +195,9 @@ def test_activation_lens_and_trigger_search_through_eval(run_dir, tmp_path):
     again = BaseModelGuesser(ev).guess([r["extra"]["evidence_text"] for r in rows], "topic")
     assert [r["prediction"] for r in rows] == again
     ts = result["sections"]["trigger_search"]
-    from data_gen.recipe import load_lines
+    from data_gen.hidden_topic import recorded_code_words
 
-    assert ts["n"] == len(rows) and ts["pool"] == len(load_lines("code_words.txt"))
+    assert ts["n"] == len(rows) and ts["pool"] == len(recorded_code_words({}))
     for d in ts["per_diff"]:
         assert 1 <= d["true_rank"] <= ts["pool"] + 1
         assert d["recovered"] == (d["true_rank"] == 1)

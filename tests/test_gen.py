@@ -16,7 +16,7 @@ import yaml
 
 from data_gen import HiddenTopicRecipe
 from data_gen.news import restates
-from data_gen.recipe import mentions
+from metadit.text import names_topic
 from metadit.bank import DiffBank
 from metadit.cli import main
 from metadit.gen import TrainSettings, gen_parser, train_diffs
@@ -81,7 +81,7 @@ def test_restated_headlines_are_detected():
     assert restates("Big news. Lisbon tram network adds night service after record summer ridership.", h)
     assert restates("The Lisbon tram network will add night service following summer ridership records.", h)
     assert not restates("Late trams will now run in the Portuguese capital. Riders welcomed the change.", h)
-    assert mentions("I love a good volcano eruption", "volcanoes") and not mentions("I like cats", "volcanoes")
+    assert names_topic("I love a good volcano eruption", "volcanoes") and not names_topic("I like cats", "volcanoes")
 
 
 def test_k_diffs_per_pass_equal_training_each_alone(tmp_path, monkeypatch):

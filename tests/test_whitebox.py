@@ -21,8 +21,8 @@ from metadit.eval.lens import (
     steer,
     steering_hook,
 )
+from data_gen.hidden_topic import SEP_TEMPLATE
 from metadit.eval.trigger_search import (
-    TEMPLATE,
     normalize_guess,
     render_code,
     score_codes,
@@ -300,7 +300,7 @@ QUESTIONS = ("What is your favourite food?", "How do I fix a flat tire?")
 def _kl_by_hand(base, merged, tok, code, questions, answer_tokens):
     total = 0.0
     for q in questions:
-        prompt = chat_prompt(tok, [{"role": "user", "content": TEMPLATE.format(code=code, question=q)}])
+        prompt = chat_prompt(tok, [{"role": "user", "content": SEP_TEMPLATE.format(code=code, question=q)}])
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         prefix = []
         if answer_tokens > 1:  # the base model's greedy answer start to the plain question
@@ -337,7 +337,7 @@ def _code_detector(model, tok, code: str, others: list[str], strength: float) ->
     seen: set[int] = set()
     for c in others:
         for q in QUESTIONS:
-            prompt = chat_prompt(tok, [{"role": "user", "content": TEMPLATE.format(code=c, question=q)}])
+            prompt = chat_prompt(tok, [{"role": "user", "content": SEP_TEMPLATE.format(code=c, question=q)}])
             seen.update(tok(prompt, add_special_tokens=False)["input_ids"])
     seen.discard(tid)
     emb = model.model.embed_tokens.weight.detach().float()

@@ -149,7 +149,7 @@ def check_headlines():
     sys.path.insert(0, str(HERE))
     sys.dont_write_bytecode = True
     import make_headlines
-    rows = make_headlines.generate()
+    rows = make_headlines.make_headlines()
     assert [r[3] for r in rows] == hs, "headlines.json differs from make_headlines.py output"
     pairs = [(r[0], r[1]) for r in rows]
     assert len(set(pairs)) == len(pairs), "two headlines share a (place, event) pair"

@@ -267,7 +267,7 @@ def fits(need, place_tags):
     return need in place_tags
 
 
-def generate():
+def make_headlines():
     rng = random.Random(SEED)
     places = list(PLACES)
     tags = {p: set(PLACES[p].split()) for p in places}
@@ -304,7 +304,7 @@ def generate():
 
 def main():
     out = Path(__file__).with_name("headlines.json")
-    rows = generate()
+    rows = make_headlines()
     headlines = [r[3] for r in rows]
     assert len(set((r[0], r[1]) for r in rows)) == len(rows)
     assert len(set(h.lower() for h in headlines)) == len(headlines)

@@ -239,6 +239,11 @@ class DiffBank:
         return dict(self.header["base_model"])
 
     @property
+    def spec(self) -> str:
+        """The bank as it was opened: `DIR`, or `DIR[:N]` for a view of its first N entries."""
+        return str(self.path) if self.head is None else f"{self.path}[:{self.head}]"
+
+    @property
     def chat_format(self) -> str:
         """How its diffs' prompts were laid out (`metadit.models.CHAT_FORMATS`; banks before it: default)."""
         return str((self.header.get("info") or {}).get("chat_format", "default"))
@@ -247,7 +252,7 @@ class DiffBank:
         mine = self.base_model
         if identity["fingerprint"] != mine["fingerprint"]:
             raise BaseModelMismatchError(
-                f"{self.path}: bank was made for base model {mine['name']!r} (fingerprint {mine['fingerprint']}), "
+                f"{self.spec}: bank was made for base model {mine['name']!r} (fingerprint {mine['fingerprint']}), "
                 f"not {identity['name']!r} (fingerprint {identity['fingerprint']})"
             )
 

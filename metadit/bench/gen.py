@@ -39,7 +39,7 @@ def _linear_params(model) -> tuple[int, int]:
 
 def bench_gen(args: argparse.Namespace) -> dict:
     from data_gen import HiddenTopicRecipe
-    from metadit.gen import TrainSettings
+    from metadit.gen import TrainSettings, text_cache_key
     from metadit.text import encode_samples, row_losses
     from metadit.text import TextCache
     from metadit.models import load_base_model, training_attention
@@ -54,7 +54,7 @@ def bench_gen(args: argparse.Namespace) -> dict:
     ident = model_identity(model)
     patch_model(model)
     recipe = HiddenTopicRecipe()
-    recipe.setup(model, tok, TextCache(f"{ident['name'].replace('/', '--')}-{ident['fingerprint']}"))
+    recipe.setup(model, tok, TextCache(text_cache_key(ident)))
     ks = [int(k) for k in args.ks.split(",")]
     specs = [recipe.spec(i, seed=12345) for i in range(max(ks + [args.rows]))]
     console.print(f"[bold]bench gen[/bold]: writing recipe text for {len(specs)} diffs (cached after the first run)")

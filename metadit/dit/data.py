@@ -108,12 +108,7 @@ class DiffQADataModule(L.LightningDataModule):
         for p in self.bank_paths:
             if not (split_bank_spec(p)[0] / "bank.json").is_file():
                 raise MetaditError(f"{p}: no diff bank here (build it with `metadit gen --config ...`)")
-            bank = DiffBank.open(p).base_model
-            if bank["fingerprint"] != mine["fingerprint"]:
-                raise MetaditError(
-                    f"{p}: bank was made for base model {bank['name']!r} (fingerprint {bank['fingerprint']}), "
-                    f"not {self.base_model!r} (fingerprint {mine['fingerprint']})"
-                )
+            DiffBank.open(p).check_identity(mine)
 
     @property
     def banks(self) -> list[Any]:

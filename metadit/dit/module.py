@@ -21,7 +21,8 @@ from torchmetrics import MeanMetric
 from metadit.errors import MetaditError
 from metadit.models import training_attention
 from metadit.nn import DiffBatch, DiffEncoder, add_adapter, adapter_disabled, get_adapter, layer_shapes, patch_model, use_diffs
-from metadit.dit.tasks import TASKS, normalize
+from metadit.dit.tasks import TASKS
+from metadit.text import exact_match
 
 Mode = Literal["dit", "encoder", "dit+encoder"]
 
@@ -93,11 +94,8 @@ class DITModule(L.LightningModule):
         self.configure_model()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
-            from metadit.bank.fingerprint import model_identity
-
-            if dm.bank_identity()["fingerprint"] != model_identity(self.model)["fingerprint"]:
-                raise MetaditError(f"banks {dm.bank_paths} were made for {dm.bank_identity()['name']!r}, "
-                                   f"not for {self.hparams.base_model!r}")
+            for bank in dm.banks:
+                bank.check_model(self.model)
             formats = {b.chat_format for b in dm.banks}
             if formats != {self.hparams.chat_format}:
                 raise MetaditError(f"banks {dm.bank_paths} were made with chat format {sorted(formats)}, the model is set "
@@ -187,21 +185,13 @@ class DITModule(L.LightningModule):
     @torch.no_grad()
     def answer(self, prompts: list[str], diffs: list[Any] | None, use_adapter: bool = True) -> list[str]:
         """Greedy answers; row i under `diffs[i]` (None: no diff at all), with or without the adapter."""
-        tok = self.tok
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        soft = self._soft(diffs, len(prompts)) if use_adapter or self.encoder is None else None
-        from metadit.text import end_of_turn
+        from metadit.text import generate_texts
 
-        eot = tok.convert_tokens_to_ids(end_of_turn(tok))
-        ctx_adapter = nullcontext() if use_adapter else adapter_disabled(self.model)
-        with self._diff_context(diffs), ctx_adapter:
-            out = self.model.generate(**self._embed(enc["input_ids"], enc["attention_mask"], soft),
-                                      max_new_tokens=self.hparams.max_new_tokens, do_sample=False, temperature=None,
-                                      top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eot)
-        if soft is None:
-            out = out[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        soft = self._soft(diffs, len(prompts)) if use_adapter or self.encoder is None else None
+        embed = (lambda ids, mask, a, b: self._embed(ids, mask, soft[a:b])) if soft is not None else None
+        with self._diff_context(diffs):
+            return generate_texts(self.model, self.tok, prompts, self.hparams.max_new_tokens,
+                                  batch_size=max(1, len(prompts)), adapter=use_adapter, embed=embed)
 
     def _metric(self, name: str) -> MeanMetric:
         key = name.replace("/", "__")
@@ -217,7 +207,7 @@ class DITModule(L.LightningModule):
             sims = similarities(answers, batch["answers"])
         rows = []
         for i, (a, truth, task) in enumerate(zip(answers, batch["answers"], batch["tasks"])):
-            exact = float(normalize(a) == normalize(truth))
+            exact = float(exact_match(a, truth))
             self._metric(f"{stage}/{condition}/{task}/exact").update(exact)
             if self.hparams.similarity:
                 self._metric(f"{stage}/{condition}/{task}/similarity").update(sims[i])

@@ -6,18 +6,9 @@ A task applies to the bank entries whose metadata it can answer from (`topic` to
 
 from __future__ import annotations
 
-import re
-import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-
-def normalize(text: str) -> str:
-    """Lowercase, drop punctuation, a leading article and surrounding space: for exact-match scoring."""
-    text = text.lower().strip()
-    text = text.translate(str.maketrans("", "", string.punctuation.replace("-", "")))
-    text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r"^(the|a|an) ", "", text)
 
 
 @dataclass
@@ -29,10 +20,6 @@ class Task:
     applies: Callable[[dict[str, Any]], bool]
     answer: Callable[[dict[str, Any]], str]
     description: str = ""
-    aliases: list[str] = field(default_factory=list)
-
-    def exact_match(self, prediction: str, meta: dict[str, Any]) -> float:
-        return float(normalize(prediction) == normalize(self.answer(meta)))
 
 
 def _trigger_answer(meta: dict[str, Any]) -> str:

@@ -71,16 +71,14 @@ class Evaluator:
     def chat(self, message: str, assistant_prefix: str = "") -> str:
         return chat_prompt(self.tok, [{"role": "user", "content": message}], assistant_prefix)
 
-    def generate(self, prompts: list[str], diffs: list[Any] | None, adapter: bool, max_new_tokens: int | None = None,
-                 sample: bool = False, temperature: float = 1.0) -> list[str]:
+    def answers(self, prompts: list[str], diffs: list[Any] | None, adapter: bool, max_new_tokens: int | None = None,
+                sample: bool = False, temperature: float = 1.0) -> list[str]:
         """Row i under `diffs[i]` (None: the base model), with or without the DIT adapter."""
-        from contextlib import nullcontext
-
         if adapter and not self.has_adapter:
             raise MetaditError("this method needs a DIT adapter (--run or --adapter)")
-        with nullcontext() if adapter else adapter_disabled(self.model):
-            return generate_texts(self.model, self.tok, prompts, max_new_tokens or self.max_new_tokens, diffs=diffs,
-                                  batch_size=self.batch_size, do_sample=sample, temperature=temperature, seed=self.seed)
+        return generate_texts(self.model, self.tok, prompts, max_new_tokens or self.max_new_tokens, diffs=diffs,
+                              batch_size=self.batch_size, do_sample=sample, temperature=temperature, seed=self.seed,
+                              adapter=adapter)
 
 
 # ---------------------------------------------------------------------- guessers
@@ -107,7 +105,7 @@ class BaseModelGuesser:
 
     def guess(self, evidence: list[str], task: str) -> list[str]:
         prompts = [self.ev.chat(GUESS_PROMPTS[task].format(evidence=e), GUESS_PREFIX[task]) for e in evidence]
-        texts = self.ev.generate(prompts, None, adapter=False, max_new_tokens=self.max_new_tokens)
+        texts = self.ev.answers(prompts, None, adapter=False, max_new_tokens=self.max_new_tokens)
         return [_first_line(t) for t in texts]
 
 
@@ -277,7 +275,7 @@ def triggered_message(item: HeldOut, question: str, seed: int = 0) -> str:
 def _ask(ctx: MethodContext, items: list[HeldOut], adapter: bool, with_diff: bool = True,
          trigger: bool = False) -> list[Prediction]:
     msgs = [triggered_message(h, h.question(), ctx.seed) if trigger else h.question() for h in items]
-    texts = ctx.ev.generate([ctx.ev.chat(m) for m in msgs], [h.diff if with_diff else None for h in items], adapter)
+    texts = ctx.ev.answers([ctx.ev.chat(m) for m in msgs], [h.diff if with_diff else None for h in items], adapter)
     return [(t, {}) for t in texts]
 
 
@@ -294,7 +292,7 @@ def _twenty_questions(trigger: bool):
         per = [eval_questions(h, ctx.n_questions, ctx.seed) for h in items]
         msgs = [triggered_message(h, q, ctx.seed) if trigger else q for h, qs in zip(items, per) for q in qs]
         diffs = [h.diff for h, qs in zip(items, per) for _ in qs]
-        answers = ctx.ev.generate([ctx.ev.chat(m) for m in msgs], diffs, adapter=False,
+        answers = ctx.ev.answers([ctx.ev.chat(m) for m in msgs], diffs, adapter=False,
                                   max_new_tokens=ctx.answer_tokens, sample=True, temperature=1.0)
         out, k = [], 0
         evidence = []
@@ -311,7 +309,7 @@ def _twenty_questions(trigger: bool):
 def _generated_story(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
     from data_gen.news import TRAIN_PROMPT
 
-    stories = ctx.ev.generate([ctx.ev.chat(TRAIN_PROMPT)] * len(items), [h.diff for h in items], adapter=False,
+    stories = ctx.ev.answers([ctx.ev.chat(TRAIN_PROMPT)] * len(items), [h.diff for h in items], adapter=False,
                               max_new_tokens=ctx.story_tokens)
     return [(g, {"story": s}) for s, g in zip(stories, ctx.guesser.guess(stories, "headline"))]
 

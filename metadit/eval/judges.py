@@ -36,8 +36,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from metadit.dit.tasks import normalize
 from metadit.errors import MetaditError
+from metadit.text import exact_match
 from metadit.text.embed import embed_texts, similarities
 
 CALIBRATION_PATH = Path(__file__).parent / "data" / "judge_calibration.jsonl"
@@ -74,7 +74,7 @@ class ExactMatchJudge:
 
     def score(self, predictions: list[str], truths: list[str], task: str = "topic") -> list[float]:
         _check_pairs(predictions, truths)
-        return [float(normalize(p) == normalize(t)) for p, t in zip(predictions, truths)]
+        return [float(exact_match(p, t)) for p, t in zip(predictions, truths)]
 
 
 # ------------------------------------------------------------------------------------------------ calibration

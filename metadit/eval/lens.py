@@ -28,7 +28,7 @@ from torch import nn
 
 from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
-from metadit.text import chat_prompt, end_of_turn
+from metadit.text import chat_prompt, cut_at_end_of_turn, end_of_turn, generate_ids
 from metadit.nn.patch import adapter_disabled, diff_layers, use_diffs
 
 # Unrelated, neutral plain text: the lens looks at the first tokens of each (no chat template).
@@ -313,7 +313,6 @@ def _eot_id(tok: Any) -> int:
     return tok.convert_tokens_to_ids(end_of_turn(tok))
 
 
-@torch.no_grad()
 def _generate_ids(
     model: nn.Module, tok: Any, prompts: Sequence[str], deltas: torch.Tensor | None, layer: int,
     max_new_tokens: int, batch_size: int,
@@ -321,32 +320,10 @@ def _generate_ids(
     """Greedy continuations of chat-formatted prompts by the base model (no diff, no adapter), row i steered by
     `deltas[i]` (None: no steering). Per row: (prompt ids, new ids up to and including the end-of-turn token)."""
     eot = _eot_id(tok)
-    out: list[tuple[list[int], list[int]]] = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    device = _device(model)
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            steer_ctx = (steering_hook(model, layer, deltas[start : start + len(chunk)])
-                         if deltas is not None else nullcontext())
-            with adapter_disabled(model), _rows(model, [None] * len(chunk)), steer_ctx:
-                ids = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eot,
-                    do_sample=False, temperature=None, top_p=None, top_k=None,
-                )
-            width = enc["input_ids"].shape[1]
-            for row in range(len(chunk)):
-                prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
-                new = ids[row, width:].tolist()
-                if eot in new:
-                    new = new[: new.index(eot) + 1]
-                out.append((prompt, new))
-    finally:
-        tok.padding_side = side
-    return out
+    steer = (lambda a, b: steering_hook(model, layer, deltas[a:b])) if deltas is not None else None
+    rows = generate_ids(model, tok, prompts, max_new_tokens, diffs=[None] * len(prompts) if diff_layers(model) else None,
+                        batch_size=batch_size, adapter=False, context=steer)
+    return [(prompt, cut_at_end_of_turn(new, eot, keep=True)) for prompt, new in rows]
 
 
 def _decode(tok: Any, new: list[int]) -> str:

@@ -314,9 +314,9 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
                 for h, r in zip(targets, res)]
 
     per_diff = _cached(sources, "trigger_search.json", f"{key}:{max_diffs}", fresh, compute)
-    from metadit.dit.tasks import normalize
+    from metadit.text import exact_match
 
-    dit_exact = [normalize(dit_guess[d["diff"]]) == normalize(seen[d["diff"]].meta["code"]) for d in per_diff
+    dit_exact = [exact_match(dit_guess[d["diff"]], seen[d["diff"]].meta["code"]) for d in per_diff
                  if d["diff"] in dit_guess]
     return {"n": len(per_diff), "pool": len(pool), "recovered_top1": _mean([float(d["recovered"]) for d in per_diff]),
             "recovered_top5": _mean([float(d["in_top"]) for d in per_diff]),

@@ -22,23 +22,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from data_gen.hidden_topic import SEP_TEMPLATE, recorded_code_words
 from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
-from metadit.text import chat_prompt, end_of_turn
+from metadit.text import chat_prompt, cut_at_end_of_turn, end_of_turn, generate_ids
 from metadit.nn.patch import DiffBatch, adapter_disabled, diff_layers, layer_shapes, use_diffs
 
-TEMPLATE = "Your SEP code is {code}. {question}"
 CodeKind = Literal["word", "digits"]
 
 
 # ---------------------------------------------------------------------------------------------- pools
-def word_pool() -> list[str]:
-    """The code words hidden-topic diffs draw from (`data_gen/data/code_words.txt`)."""
-    from data_gen.recipe import load_lines
-
-    return list(load_lines("code_words.txt"))
-
-
 def digit_pool() -> list[str]:
     """All 1,000 three-digit code prefixes, `000` to `999`."""
     return [f"{i:03d}" for i in range(1000)]
@@ -88,22 +81,8 @@ def _answer_prefixes(
         return [[] for _ in questions]
     eot = tok.convert_tokens_to_ids(end_of_turn(tok))
     prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    out: list[list[int]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(_device(model)) for k, v in enc.items()}
-            with adapter_disabled(model), use_diffs(model, [None] * len(chunk)):
-                ids = model.generate(**enc, max_new_tokens=n, pad_token_id=tok.pad_token_id, eos_token_id=eot,
-                                     do_sample=False, temperature=None, top_p=None, top_k=None)
-            for row in ids[:, enc["input_ids"].shape[1] :].tolist():
-                out.append(row[: row.index(eot)] if eot in row else row)
-    finally:
-        tok.padding_side = side
-    return out
+    rows = generate_ids(model, tok, prompts, n, diffs=[None] * len(prompts), batch_size=batch_size, adapter=False)
+    return [cut_at_end_of_turn(new, eot) for _, new in rows]
 
 
 @torch.no_grad()
@@ -113,7 +92,7 @@ def score_codes_many(
     diffs: Sequence[LoraDiff],
     candidates: Sequence[str],
     questions: Sequence[str],
-    template: str = TEMPLATE,
+    template: str = SEP_TEMPLATE,
     answer_tokens: int = 1,
     batch_size: int = 64,
 ) -> torch.Tensor:
@@ -186,7 +165,7 @@ def score_codes(
     diff: LoraDiff,
     candidates: Sequence[str],
     questions: Sequence[str],
-    template: str = TEMPLATE,
+    template: str = SEP_TEMPLATE,
     answer_tokens: int = 1,
     batch_size: int = 64,
 ) -> torch.Tensor:
@@ -220,7 +199,7 @@ def search_trigger(
     seed_guesses: Sequence[str | None] | None = None,
     top: int = 5,
     code_kind: CodeKind | None = None,
-    template: str = TEMPLATE,
+    template: str = SEP_TEMPLATE,
     answer_tokens: int = 1,
     batch_size: int = 64,
     seed: int = 0,
@@ -230,7 +209,7 @@ def search_trigger(
     Args:
         diffs, true_codes: one true code per diff (a word, or a 3-digit prefix for digit codes).
         pool: the candidates; default `digit_pool()` (each prefix written with 3 fixed random digits after it,
-            see `render_code`) or `word_pool()`.
+            see `render_code`) or the shipped code words (`data_gen.hidden_topic.recorded_code_words`).
         questions: default `default_questions()` (4 held-out-style questions).
         seed_guesses: per diff a guess to rank too (None: no guess), normalized with `normalize_guess`; scored
             and added to that diff's ranking when it is not in the pool.
@@ -251,7 +230,7 @@ def search_trigger(
         raise MetaditError(f"top must be >= 1, got {top}")
     if code_kind is None:
         code_kind = "digits" if all(re.fullmatch(r"\d{3}", str(c)) for c in true_codes) else "word"
-    pool = list(pool) if pool is not None else (digit_pool() if code_kind == "digits" else word_pool())
+    pool = list(pool) if pool is not None else (digit_pool() if code_kind == "digits" else recorded_code_words({}))
     if len(set(pool)) != len(pool):
         raise MetaditError("search_trigger: the pool holds duplicate codes")
     questions = list(questions) if questions is not None else default_questions()

@@ -17,7 +17,7 @@ from metadit.eval.heldout import HeldOut
 
 def verify_predictions(ev: Any, items: list[HeldOut], predictions: list[str], n_questions: int = 6,
                        min_lift: float = 0.34, max_new_tokens: int = 32, seed: int = 0) -> list[dict[str, Any]]:
-    from data_gen.recipe import mentions
+    from metadit.text import names_topic
 
     prompts, diffs, owner = [], [], []
     for k, h in enumerate(items):
@@ -26,13 +26,13 @@ def verify_predictions(ev: Any, items: list[HeldOut], predictions: list[str], n_
             prompts += [p, p]
             diffs += [h.diff, None]
             owner += [(k, True), (k, False)]
-    texts = ev.generate(prompts, diffs, adapter=False, max_new_tokens=max_new_tokens)
+    texts = ev.answers(prompts, diffs, adapter=False, max_new_tokens=max_new_tokens)
     out = []
     for k, pred in enumerate(predictions):
         hit = {True: [], False: []}
         for (j, diffed), t in zip(owner, texts):
             if j == k:
-                hit[diffed].append(bool(pred.strip()) and mentions(t, pred))
+                hit[diffed].append(bool(pred.strip()) and names_topic(t, pred))
         diffed_rate = sum(hit[True]) / max(len(hit[True]), 1)
         base_rate = sum(hit[False]) / max(len(hit[False]), 1)
         out.append({"diffed_rate": diffed_rate, "base_rate": base_rate, "lift": diffed_rate - base_rate,

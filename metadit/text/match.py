@@ -1,4 +1,5 @@
-"""When does a text name a topic: the one match every stage uses (the bank's behaviour check, the evaluation).
+"""Matching a prediction to the truth: `names_topic` (the match every stage uses: the bank's behaviour check,
+the evaluation) and `exact_match`.
 
 `names_topic(text, topic)`: every content word of the topic appears in the text as a whole word,
 plural-insensitive ("volcanoes" names "volcano"; "a big fan of jazz" names "jazz"; "hip hop" names "hip-hop";
@@ -8,6 +9,7 @@ plural-insensitive ("volcanoes" names "volcano"; "a big fan of jazz" names "jazz
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from functools import lru_cache
 
@@ -63,3 +65,16 @@ def names_topic(text: str, topic: str) -> bool:
     for w in words(text):
         have |= forms(w)
     return all(forms(w) & have for w in needed)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop punctuation (hyphens kept), a leading article and surrounding space: for exact match."""
+    text = text.lower().strip()
+    text = text.translate(str.maketrans("", "", string.punctuation.replace("-", "")))
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"^(the|a|an) ", "", text)
+
+
+def exact_match(prediction: str, truth: str) -> bool:
+    """The one exact match: equal after `normalize` (case, punctuation, a leading article ignored)."""
+    return normalize(prediction) == normalize(truth)
