@@ -171,7 +171,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- not built yet
+# ---------------------------------------------------------------------- LightningCLI subcommands
 def _lightning(subcommand: str):
     def run(argv: list[str]) -> int:
         from metadit.lightning_cli import lightning_main

@@ -329,11 +329,6 @@ class DiffBank:
                                                    "(repair leaves this file alone; restore it from a copy)"))
         return _IndexScan(rows, good_end, problems, named, mid_damage)
 
-    def _parse_index(self, file: Path) -> tuple[list[dict[str, Any]], int, list[BankProblem]]:
-        """Rows of complete groups whose shard exists, the byte length of the intact prefix, and problems."""
-        scan = self._scan_index(file)
-        return scan.rows, scan.good_end, scan.problems
-
     def _reload(self) -> None:
         self.rows, self.problems = [], []
         referenced: set[str] = set()

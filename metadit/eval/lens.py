@@ -76,11 +76,6 @@ def output_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return norm, head
 
 
-def middle_layer(model: nn.Module) -> int:
-    """The default lens layer: `num_hidden_layers // 2`."""
-    return len(decoder_layers(model)) // 2
-
-
 def _layer_index(model: nn.Module, layer: int | None) -> int:
     n = len(decoder_layers(model))
     layer = n // 2 if layer is None else int(layer)

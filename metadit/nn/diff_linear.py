@@ -102,10 +102,6 @@ class DiffLinear(nn.Module):
         self.adapter_B = nn.Parameter(B.detach().to(dev, torch.float32).clone())
         self.adapter_scale = float(scale)
 
-    def remove_adapter(self) -> None:
-        self.adapter_A = self.adapter_B = None
-        self.adapter_scale = 0.0
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.rows
