@@ -92,7 +92,9 @@ def _materialize_tiny() -> Path:
         return target
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(_materialize_embedded(EMBEDDED_NAME))
+    # The tokenizer alone, from the GGUF file's metadata: no need to dequantize the embedded model's weights.
+    gguf = embedded_gguf_path(EMBEDDED_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,

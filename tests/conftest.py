@@ -72,3 +72,17 @@ def merged_copy(model: torch.nn.Module, diff: LoraDiff | None) -> torch.nn.Modul
 @pytest.fixture(params=sorted(MODEL_BUILDERS))
 def tiny_model(request):
     return MODEL_BUILDERS[request.param]()
+
+
+@pytest.fixture(scope="session")
+def tiny_topic_bank(tmp_path_factory):
+    """`configs/gen/tiny_topic.yaml` built once per session (8 diffs): tests that only read a tiny hidden-topic bank
+    share it and must not write to it."""
+    from pathlib import Path
+
+    from metadit.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    d = tmp_path_factory.mktemp("session-banks") / "topic"
+    assert main(["gen", "--config", str(root / "configs/gen/tiny_topic.yaml"), "--bank", str(d), "--progress", "false"]) == 0
+    return d

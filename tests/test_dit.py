@@ -23,10 +23,9 @@ FIT = ROOT / "configs" / "fit" / "tiny_topic.yaml"
 
 
 @pytest.fixture(scope="module")
-def banks(tmp_path_factory):
+def banks(tmp_path_factory, tiny_topic_bank):
     d = tmp_path_factory.mktemp("banks")
-    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(d / "topic"),
-                 "--progress", "false"]) == 0
+    (d / "topic").symlink_to(tiny_topic_bank, target_is_directory=True)  # the session's bank, read only
     assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_news.yaml"), "--bank", str(d / "news"),
                  "--n_diffs", "6", "--progress", "false"]) == 0
     return d

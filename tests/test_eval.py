@@ -25,11 +25,9 @@ OFFLINE_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, tiny_topic_bank) -> Path:
     d = tmp_path_factory.mktemp("eval")
-    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(d / "bank"),
-                 "--progress", "false"]) == 0
-    lightning_main("fit", ["--config", str(ROOT / "configs/fit/tiny_topic.yaml"), "--data.banks", f'["{d / "bank"}"]',
+    lightning_main("fit", ["--config", str(ROOT / "configs/fit/tiny_topic.yaml"), "--data.banks", f'["{tiny_topic_bank}"]',
                            "--trainer.default_root_dir", str(d / "run"), "--trainer.enable_progress_bar", "false",
                            "--trainer.max_epochs", "1"])
     return d / "run" / "lightning_logs" / "version_0"

@@ -21,7 +21,8 @@ class FakeOpenAI:
     """A chat-completions server on 127.0.0.1 that records every request and answers from a script.
 
     `script` items: a string (200 with that assistant content), an int (that HTTP status, error body),
-    or ("raw", status, bytes). The last item repeats once the script runs out.
+    or ("raw", status, bytes), or "echo" (200 with the request's last message). The last item repeats once the
+    script runs out.
     """
 
     def __init__(self, script):
@@ -35,8 +36,11 @@ class FakeOpenAI:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+                fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                      "body": json.loads(body)})
                 item = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
+                if item == "echo":  # the reply repeats the request's last message (order-independent)
+                    item = fake.requests[-1]["body"]["messages"][-1]["content"]
                 if isinstance(item, str):
                     status, payload = 200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": item}}]}).encode()
                 elif isinstance(item, int):
@@ -76,7 +80,7 @@ def fake_server(monkeypatch):
 
 
 def client(server, **kw):
-    kw.setdefault("backoff", 0.001)
+    kw.setdefault("workers", 1)  # a scripted server answers in arrival order: one request at a time
     return J.OpenAIChat(base_url=server.url, model="judge-model-x", api_key="sk-test-123", timeout=5, **kw)
 
 
@@ -91,7 +95,7 @@ def test_llm_judge_sends_rubric_model_and_key_and_parses_replies(fake_server):
     assert len(server.requests) == 3
     req = server.requests[0]
     assert req["path"] == "/v1/chat/completions"
-    assert req["headers"]["Authorization"] == "Bearer sk-test-123"
+    assert req["headers"]["authorization"] == "Bearer sk-test-123"
     assert req["body"]["model"] == "judge-model-x"
     assert req["body"]["temperature"] == 0.0
     content = req["body"]["messages"][0]["content"]
@@ -133,7 +137,7 @@ def test_retries_429_and_connection_errors(fake_server):
     dead = fake_server("x")
     url = dead.url
     dead.close()
-    c = J.OpenAIChat(base_url=url, model="m", retries=1, backoff=0.001, timeout=2)
+    c = J.OpenAIChat(base_url=url, model="m", retries=1, timeout=2)
     with pytest.raises(MetaditError, match="kept failing after 2 attempts"):
         c.chat([{"role": "user", "content": "hi"}])
 
@@ -163,12 +167,20 @@ def test_complete_many_in_order_and_env_config(fake_server, monkeypatch):
     monkeypatch.setenv("METADIT_LLM_MODEL", "env-model")
     monkeypatch.delenv("METADIT_LLM_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-fallback")
-    c = J.OpenAIChat(backoff=0.001)
+    c = J.OpenAIChat(workers=1)
     assert c.complete_many([[{"role": "user", "content": "1"}], [{"role": "user", "content": "2"}]]) == ["one", "two"]
     assert [r["body"]["messages"][0]["content"] for r in server.requests] == ["1", "2"]
     assert server.requests[0]["body"]["model"] == "env-model"
-    assert server.requests[0]["headers"]["Authorization"] == "Bearer sk-fallback"
+    assert server.requests[0]["headers"]["authorization"] == "Bearer sk-fallback"
     assert "sk-fallback" not in repr(c)
+
+
+def test_complete_many_is_concurrent_and_keeps_the_order(fake_server):
+    server = fake_server("echo")
+    c = client(server, workers=8)
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(24)]
+    assert c.complete_many(convs) == [f"q{i}" for i in range(24)]
+    assert sorted(r["body"]["messages"][0]["content"] for r in server.requests) == sorted(f"q{i}" for i in range(24))
 
 
 def test_missing_config_raises(monkeypatch):

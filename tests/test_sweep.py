@@ -158,10 +158,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
 
 # ---------------------------------------------------------------------- a real tiny sweep
 @pytest.fixture(scope="module")
-def tiny_bank(tmp_path_factory):
-    d = tmp_path_factory.mktemp("banks") / "topic"
-    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(d), "--progress", "false"]) == 0
-    return d
+def tiny_bank(tiny_topic_bank):
+    return tiny_topic_bank
 
 
 def _stamps(d: Path) -> dict[str, int]:

@@ -16,8 +16,8 @@
 `metadit/eval/data/judge_calibration.jsonl`. `python -m metadit.eval.judges` measures how well it agrees
 with those labels under cross-validation and writes `reports/judges/`.
 
-`OpenAIChat` is a small stdlib client for any OpenAI-compatible `/chat/completions` endpoint, configured by
-arguments or METADIT_LLM_BASE_URL / METADIT_LLM_MODEL / METADIT_LLM_API_KEY (or OPENAI_API_KEY). `LLMJudge`
+`OpenAIChat` wraps the official `openai` client for any OpenAI-compatible `/chat/completions` endpoint, configured
+by arguments or METADIT_LLM_BASE_URL / METADIT_LLM_MODEL / METADIT_LLM_API_KEY (or OPENAI_API_KEY). `LLMJudge`
 uses it with the paper's rubrics; other code (the guesser baseline) uses it directly.
 """
 
@@ -29,8 +29,6 @@ import random
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -277,20 +275,21 @@ class CalibratedEmbeddingJudge:
 
 # ------------------------------------------------------------------------------------------------ LLM client
 
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # what the official client retries (and 5xx in general)
 
 
 class OpenAIChat:
-    """Minimal client for an OpenAI-compatible chat server (OpenAI, vLLM, llama.cpp, Ollama, ...).
+    """An OpenAI-compatible chat server (OpenAI, vLLM, llama.cpp, Ollama, ...) through the official `openai` client.
 
-    POSTs `{base_url}/chat/completions` with `{model, messages, temperature}` (plus `extra_body`), sends
-    `Authorization: Bearer <key>` when a key is set, and retries 408/409/429/5xx and connection errors with
-    exponential backoff (`backoff * 2**attempt`, capped at `max_backoff`, or the server's Retry-After).
+    `{base_url}/chat/completions` with `{model, messages, temperature}` (plus `extra_body`), `Authorization: Bearer
+    <key>` when a key is set. Retries (408/409/429/5xx and connection errors, with the client's exponential backoff
+    and the server's Retry-After) are the client's; every failure ends as one `MetaditError` line.
+    `complete_many` sends conversations concurrently (`workers` threads), in order.
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
-                 extra_body: dict[str, Any] | None = None):
+                 timeout: float = 60.0, retries: int = 3, extra_body: dict[str, Any] | None = None,
+                 workers: int = 8):
         self.base_url = (base_url or os.environ.get("METADIT_LLM_BASE_URL") or "").rstrip("/")
         self.model = model or os.environ.get("METADIT_LLM_MODEL") or ""
         self.api_key = api_key or os.environ.get("METADIT_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
@@ -300,58 +299,51 @@ class OpenAIChat:
                                "variables, e.g. METADIT_LLM_BASE_URL=https://api.openai.com/v1 METADIT_LLM_MODEL=gpt-4.1-mini")
         if not self.base_url.startswith(("http://", "https://")):
             raise MetaditError(f"LLM base_url must start with http:// or https://, got {self.base_url!r}")
-        if retries < 0 or timeout <= 0:
-            raise MetaditError("LLM client: retries must be >= 0 and timeout > 0")
-        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        if retries < 0 or timeout <= 0 or workers < 1:
+            raise MetaditError("LLM client: retries must be >= 0, timeout > 0 and workers >= 1")
+        from openai import OpenAI
+
+        self.timeout, self.retries, self.workers = timeout, retries, workers
         self.extra_body = dict(extra_body or {})
+        # A server without keys gets a placeholder key: the client refuses to start with none.
+        self._client = OpenAI(base_url=self.base_url, api_key=self.api_key or "none", timeout=timeout,
+                              max_retries=retries)
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIChat(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self.api_key else 'none'})"
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.base_url + "/chat/completions"
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            wait = min(self.backoff * 2**attempt, self.max_backoff)
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers, method="POST"),
-                                            timeout=self.timeout) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise MetaditError(f"LLM server {url} answered with something that is not JSON: {raw[:200]!r}") from e
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                last = f"HTTP {e.code}: {detail}"
-                if e.code not in RETRY_STATUS:
-                    raise MetaditError(f"LLM server {url} refused the request ({last})") from e
-                after = e.headers.get("Retry-After") if e.headers else None
-                if after and after.strip().replace(".", "", 1).isdigit():
-                    wait = min(float(after), self.max_backoff)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt < self.retries:
-                time.sleep(wait)
-        raise MetaditError(f"LLM server {url} kept failing after {self.retries + 1} attempts (last: {last})")
-
     def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, **params: Any) -> str:
         """The assistant's reply text for one conversation; `params` (e.g. max_tokens) go into the body."""
-        body = {"model": self.model, "messages": messages, "temperature": temperature, **self.extra_body, **params}
-        reply = self._post(body)
+        import openai
+
+        url = self.base_url + "/chat/completions"
+        attempts = f"kept failing after {self.retries + 1} attempts"
         try:
-            content = reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as e:
-            raise MetaditError(f"LLM server reply has no choices[0].message.content: {str(reply)[:200]}") from e
-        return content or ""
+            reply = self._client.chat.completions.create(model=self.model, messages=messages, temperature=temperature,
+                                                         extra_body={**self.extra_body, **params} or None)
+        except openai.APIStatusError as e:
+            last = f"HTTP {e.status_code}: {str(e.message)[:300]}"
+            if e.status_code in RETRY_STATUS or e.status_code >= 500:
+                raise MetaditError(f"LLM server {url} {attempts} (last: {last})") from e
+            raise MetaditError(f"LLM server {url} refused the request ({last})") from e
+        except openai.APIConnectionError as e:  # timeouts included
+            raise MetaditError(f"LLM server {url} {attempts} (last: {type(e).__name__}: {e})") from e
+        except openai.OpenAIError as e:
+            raise MetaditError(f"LLM server {url}: {type(e).__name__}: {str(e)[:300]}") from e
+        choices = getattr(reply, "choices", None)
+        message = getattr(choices[0], "message", None) if choices else None
+        if message is None:
+            raise MetaditError(f"LLM server reply has no choices[0].message.content: {str(reply)[:200]}")
+        return message.content or ""
 
     def complete_many(self, conversations: list[list[dict[str, str]]], temperature: float = 0.0, **params: Any) -> list[str]:
-        """`chat` for each conversation, in order (sequential)."""
-        return [self.chat(m, temperature=temperature, **params) for m in conversations]
+        """`chat` for each conversation, `workers` at a time; replies in the conversations' order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(conversations) <= 1 or self.workers == 1:
+            return [self.chat(m, temperature=temperature, **params) for m in conversations]
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(conversations))) as pool:
+            return list(pool.map(lambda m: self.chat(m, temperature=temperature, **params), conversations))
 
 
 # ------------------------------------------------------------------------------------------------ LLM judge
