@@ -1,7 +1,8 @@
 """`metadit fit|validate|test|predict`: LightningCLI over `DITModule` and `DiffQADataModule`.
 
 `--config configs/fit/FILE.yaml`, `--print_config`, `--trainer.*`, `class_path`/`init_args` as usual.
-`model.base_model` is linked to `data.base_model` (the tokenizer must be the model's).
+`model.base_model` is linked to `data.base_model` (the tokenizer must be the model's), and `model.chat_format` is
+computed from `data.banks` (a DIT adapter asks in the chat format its banks' diffs were made with).
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
-from metadit.dit.data import DiffQADataModule
-from metadit.dit import DITModule
+from metadit.dit import DiffQADataModule, DITModule
+
+
+def banks_chat_format(banks: Sequence[str]) -> str:
+    """The chat format the banks record (banks that are not there yet: `default`; the data module then says so)."""
+    from metadit.bank import DiffBank
+    from metadit.bank.diff_bank import split_bank_spec
+
+    formats = {DiffBank.open(b).chat_format for b in banks or [] if (split_bank_spec(b)[0] / "bank.json").is_file()}
+    return formats.pop() if len(formats) == 1 else "default"
 
 
 class DITCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base_model", "data.base_model")
+        parser.link_arguments("data.banks", "model.chat_format", compute_fn=banks_chat_format)
 
 
 def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:

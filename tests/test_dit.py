@@ -14,7 +14,7 @@ from metadit.cli import main
 from metadit.lightning_cli import DITCLI, lightning_main
 from metadit.dit.data import DiffQADataModule
 from metadit.dit import DITModule
-from metadit.models import TINY_NAME, load_base_model
+from metadit.models import TINY_NAME, load_base_model, resolve_dtype
 from metadit.nn import DiffEncoder
 from tests.conftest import random_diff, target_shapes
 
@@ -83,8 +83,9 @@ def test_saved_adapter_with_peft_matches_the_module(banks, tmp_path):
     assert (adapter_dir / "adapter_config.json").is_file() and (Path(cli.trainer.log_dir) / "split.json").is_file()
     module = cli.model
     module.model.float()
-    # the module holds the base weights as loaded in bf16: the reference starts from the same weights
-    base, tok = load_base_model(TINY_NAME, dtype=torch.bfloat16)
+    # the module holds the base weights as loaded in its dtype: the reference starts from the same weights
+    loaded = resolve_dtype(module.hparams.dtype)
+    base, tok = load_base_model(TINY_NAME, dtype=loaded)
     base.float()
     diff, _ = DiffBank.open(banks / "topic")[0]
     # reference: the diff merged into the weights, then the saved adapter loaded by peft on top
@@ -103,7 +104,7 @@ def test_saved_adapter_with_peft_matches_the_module(banks, tmp_path):
         want = peft_model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # and greedy answers with no diff: the module's `answer` equals peft's generate token for token
-    plain = PeftModel.from_pretrained(load_base_model(TINY_NAME, dtype=torch.bfloat16)[0].float(), adapter_dir).eval()
+    plain = PeftModel.from_pretrained(load_base_model(TINY_NAME, dtype=loaded)[0].float(), adapter_dir).eval()
     out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     assert module.answer([prompt], [None]) == [tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()]

@@ -84,7 +84,7 @@ def bench_build(args: argparse.Namespace) -> dict:
     result: dict[str, Any] = {
         "what": "a bank of the same hidden-topic specs built by each recipe; strictly gated = topic learned and gate held "
                 "under the strict sampled behaviour check",
-        "command": "metadit bench build " + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["bench", "build"] else []),
+        "command": " ".join(["metadit bench build", *([shlex.join(sys.argv[3:])] if sys.argv[1:3] == ["bench", "build"] and sys.argv[3:] else [])]),
         "commit": commit, "machine": machine(), "dtype": args.dtype,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "variants": results,

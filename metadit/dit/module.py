@@ -41,7 +41,7 @@ class DITModule(L.LightningModule):
         generate_in_validation: bool = True,
         similarity: bool = True,
         seed: int = 0,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         chat_format: str = "default",
     ) -> None:
         """
@@ -59,8 +59,8 @@ class DITModule(L.LightningModule):
             seed: the adapter's initialisation.
             dtype: the base model's dtype (`bfloat16`, `float32`, or `auto`: bf16 where the hardware computes it
                 natively, else fp32).
-            chat_format: prompt layout (`default`, `no_system`); must be the banks' (`metadit gen --chat_format`),
-                and is recorded with the exported adapter.
+            chat_format: prompt layout (`default`, `no_system`): the banks' (`metadit gen --chat_format`; the CLI
+                sets it from `data.banks`), recorded with the exported adapter.
         """
         super().__init__()
         if mode not in ("dit", "encoder", "dit+encoder"):
