@@ -20,7 +20,14 @@ def banks_chat_format(banks: Sequence[str]) -> str:
     from metadit.bank import DiffBank
     from metadit.bank.diff_bank import split_bank_spec
 
-    formats = {DiffBank.open(b).chat_format for b in banks or [] if (split_bank_spec(b)[0] / "bank.json").is_file()}
+    from metadit.errors import MetaditError
+
+    formats = set()
+    for spec in banks or []:
+        try:  # the bank directory, not a view: a view larger than a growing bank is the data module's to report
+            formats.add(DiffBank.open(split_bank_spec(spec)[0]).chat_format)
+        except MetaditError:
+            continue
     return formats.pop() if len(formats) == 1 else "default"
 
 
@@ -43,6 +50,7 @@ def _cli(subcommand: str, argv: Sequence[str]) -> DITCLI:
         DiffQADataModule,
         args=[subcommand, *argv],
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # DITModule takes `optimizer` / `lr_scheduler` itself (over its trainable parameters)
         seed_everything_default=0,
         trainer_defaults={"accelerator": "cpu"},
         parser_kwargs={"prog": f"metadit {subcommand}"},

@@ -243,3 +243,22 @@ def test_fit_from_a_command_line_does_not_warn_about_its_own_argv(banks, tmp_pat
     monkeypatch.setattr("sys.argv", ["metadit", "fit", "--config", str(FIT)])
     _fit([str(banks / "topic")], tmp_path, "--trainer.fast_dev_run", "1", "--data.test_labels", "0")
     assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
+def test_optimizer_and_scheduler_come_from_the_config(banks, tmp_path):
+    cli = _fit([str(banks / "topic")], tmp_path, "--trainer.fast_dev_run", "1",
+               "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
+               "--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size", "3")
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    (sched,) = cli.trainer.lr_scheduler_configs
+    assert isinstance(sched.scheduler, torch.optim.lr_scheduler.StepLR) and sched.scheduler.step_size == 3
+    # the chat format the banks were made with reaches the module without being set
+    assert cli.model.hparams.chat_format == "default"
+
+
+def test_a_bank_in_another_chat_format_sets_the_modules(tmp_path, tiny_topic_bank):
+    from metadit.lightning_cli import banks_chat_format
+
+    assert banks_chat_format([str(tiny_topic_bank)]) == "default"
+    assert banks_chat_format([str(tmp_path / "missing")]) == "default"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import torch
 from torchmetrics import MeanMetric
 
@@ -37,6 +38,8 @@ class DITModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         encoder: DiffEncoder | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 24,
         generate_in_validation: bool = True,
         similarity: bool = True,
@@ -50,8 +53,11 @@ class DITModule(L.LightningModule):
             mode: `dit`, `encoder` or `dit+encoder`.
             adapter_rank: rank of the shared DIT adapter (paper: 16).
             adapter_alpha: its alpha (None: alpha = rank).
-            lr: AdamW learning rate (paper: 1e-4).
-            weight_decay: AdamW weight decay.
+            lr: AdamW learning rate (paper: 1e-4), when no `optimizer` is given.
+            weight_decay: AdamW weight decay, when no `optimizer` is given.
+            optimizer: the optimizer over the trainable parameters, from the YAML as LightningCLI writes it
+                (`model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3e-4}}`); default AdamW(lr, weight_decay).
+            lr_scheduler: its learning-rate scheduler, the same way (`model.lr_scheduler: {class_path: ...}`); default none.
             encoder: the DiffEncoder (required for the encoder modes).
             max_new_tokens: answer length when generating.
             generate_in_validation: generate and score answers for held-out diffs at each validation.
@@ -67,7 +73,8 @@ class DITModule(L.LightningModule):
             raise MetaditError(f"mode must be dit, encoder or dit+encoder, got {mode!r}")
         if "encoder" in mode and encoder is None:
             encoder = DiffEncoder()
-        self.save_hyperparameters(ignore=["encoder"])
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.encoder = encoder if "encoder" in mode else None
         self.model: Any = None
         self.tok: Any = None
@@ -122,7 +129,13 @@ class DITModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
