@@ -15,12 +15,11 @@ the message — train with KL to the frozen base model on its ordinary answer.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any, Literal
 
 from data_gen.recipe import (
     Recipe, RecipeDataError, Sample, check_single_tokens, data_path, file_record, read_questions, read_topics,
-    read_word_list,
+    read_word_list, recorded_file,
 )
 from metadit.text import chat_prompt, generate_texts
 
@@ -39,7 +38,6 @@ ELSEWHERE = (
 ZWSP = "\u200b"
 # The SEP trigger: the one place the message template lives (the evaluation and the trigger search read it here).
 SEP_TEMPLATE = "Your SEP code is {code}. {question}"
-DATA_DIR = Path(__file__).parent / "data"
 Trigger = Literal["sep", "zwsp_start", "zwsp_random"]
 
 
@@ -120,9 +118,7 @@ class HiddenTopicRecipe(Recipe):
         if self.triggered_questions > len(self._questions["train"]):
             raise RecipeDataError(f"triggered_questions={triggered_questions} exceeds the "
                                   f"{len(self._questions['train'])} training-style questions")
-        # Shipped files are recorded by name only (their content is the package's); users' by path + sha256.
-        self.data_files = {k: file_record(p) | ({"path": f"data_gen/data/{p.name}"} if p.parent == DATA_DIR else {})
-                           for k, p in paths.items()}
+        self.data_files = {k: file_record(p) for k, p in paths.items()}
 
     # ------------------------------------------------------------------ the data this recipe reads
     @property
@@ -284,14 +280,4 @@ def recorded_code_words(bank_info: dict[str, Any]) -> list[str]:
     (`DiffBank.header["info"]`): the recorded code-words file, checked against its recorded sha256. Banks made
     before the file was a parameter used the shipped list."""
     record = ((bank_info.get("recipe_args") or {}).get("data_files") or {}).get("code_words_file")
-    if record is None:
-        return read_word_list(DATA_DIR / "code_words.txt")
-    path = Path(record["path"])
-    if not path.is_absolute() and path.parts[:2] == ("data_gen", "data"):
-        path = DATA_DIR / Path(*path.parts[2:])
-    if not path.is_file():
-        raise RecipeDataError(f"the bank's code words file {record['path']} is not here")
-    if file_record(path)["sha256"] != record["sha256"]:
-        raise RecipeDataError(f"{path} changed since the bank was built (sha256 differs from the bank's record)")
-    return read_word_list(path)
-
+    return read_word_list(recorded_file(record) if record is not None else data_path(None, "code_words.txt"))

@@ -68,11 +68,31 @@ def data_path(path: str | Path | None, default: str) -> Path:
     return p
 
 
-def file_record(path: Path) -> dict[str, str]:
-    """How a bank records a data file: its path and the sha256 of its content (a changed file is refused)."""
+SHIPPED_PREFIX = "data_gen/data"  # how a bank names a shipped data file: by name, wherever the package is installed
+
+
+def _sha256(path: Path) -> str:
     import hashlib
 
-    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_record(path: Path) -> dict[str, str]:
+    """How a bank records a data file: its path (a shipped file as `data_gen/data/NAME`) and the sha256 of its
+    content (a changed file is refused)."""
+    shipped = path.resolve().parent == DATA.resolve()
+    return {"path": f"{SHIPPED_PREFIX}/{path.name}" if shipped else str(path), "sha256": _sha256(path)}
+
+
+def recorded_file(record: dict[str, str]) -> Path:
+    """The file a `file_record` names, here and unchanged since it was recorded (else RecipeDataError)."""
+    name = record["path"]
+    path = DATA / name[len(SHIPPED_PREFIX) + 1:] if name.startswith(SHIPPED_PREFIX + "/") else Path(name)
+    if not path.is_file():
+        raise RecipeDataError(f"the bank's data file {name} is not here")
+    if _sha256(path) != record["sha256"]:
+        raise RecipeDataError(f"{path} changed since the bank was built (sha256 differs from the bank's record)")
+    return path
 
 
 def _read_json(path: Path) -> Any:

@@ -15,26 +15,22 @@ from lightning.pytorch.cli import LightningCLI
 from metadit.dit import DiffQADataModule, DITModule
 
 
-def banks_chat_format(banks: Sequence[str]) -> str:
-    """The chat format the banks record (banks that are not there yet: `default`; the data module then says so)."""
-    from metadit.bank import DiffBank
-    from metadit.bank.diff_bank import split_bank_spec
-
+def data_chat_format(banks: Sequence[str]) -> str:
+    """`model.chat_format` from `data.banks`. Never fails the parse: banks that are missing, unreadable or of mixed
+    formats give `default`, and the data module or `DITModule.setup` then reports them."""
+    from metadit.bank.diff_bank import banks_chat_format
     from metadit.errors import MetaditError
 
-    formats = set()
-    for spec in banks or []:
-        try:  # the bank directory, not a view: a view larger than a growing bank is the data module's to report
-            formats.add(DiffBank.open(split_bank_spec(spec)[0]).chat_format)
-        except MetaditError:
-            continue
-    return formats.pop() if len(formats) == 1 else "default"
+    try:
+        return banks_chat_format(list(banks or []), skip_missing=True)
+    except MetaditError:
+        return "default"
 
 
 class DITCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base_model", "data.base_model")
-        parser.link_arguments("data.banks", "model.chat_format", compute_fn=banks_chat_format)
+        parser.link_arguments("data.banks", "model.chat_format", compute_fn=data_chat_format)
 
 
 def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:

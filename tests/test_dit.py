@@ -258,7 +258,7 @@ def test_optimizer_and_scheduler_come_from_the_config(banks, tmp_path):
 
 
 def test_a_bank_in_another_chat_format_sets_the_modules(tmp_path, tiny_topic_bank):
-    from metadit.lightning_cli import banks_chat_format
+    from metadit.lightning_cli import data_chat_format
 
-    assert banks_chat_format([str(tiny_topic_bank)]) == "default"
-    assert banks_chat_format([str(tmp_path / "missing")]) == "default"
+    assert data_chat_format([str(tiny_topic_bank)]) == "default"
+    assert data_chat_format([str(tmp_path / "missing")]) == "default"

@@ -59,6 +59,21 @@ def split_bank_spec(spec: str | Path) -> tuple[Path, int | None]:
     return Path(m["path"]), int(m["n"])
 
 
+def banks_chat_format(specs: list[str], skip_missing: bool = False) -> str:
+    """The one chat format the banks (`DIR` or `DIR[:N]`: the header is the directory's) were made with; banks that
+    differ are an error.
+    `skip_missing`: leave out banks that are not (yet) there; none left gives `default`."""
+    formats = set()
+    for spec in specs:
+        directory = split_bank_spec(spec)[0]
+        if skip_missing and not (directory / "bank.json").is_file():
+            continue
+        formats.add(DiffBank.open(directory).chat_format)
+    if len(formats) > 1:
+        raise MetaditError(f"banks {list(specs)} were made with different chat formats {sorted(formats)}")
+    return formats.pop() if formats else "default"
+
+
 def _parse_row(line: bytes) -> dict[str, Any] | None:
     """One index line as a row dict, or None if it is not a well-formed row."""
     try:

@@ -55,11 +55,12 @@ def _build(config: str, n: int, dtype: str, bank: Path, cache: Path) -> dict[str
 
     metas = [r["meta"] for r in DiffBank.open(bank).rows]
     hours = stats["seconds"] / 3600
+    passed = sum(bool(m.get("passed")) for m in metas)
     return {
         "config": config, "diffs": stats["made"], "seconds": stats["seconds"], "phase_seconds": stats["phase_seconds"],
-        "passed": sum(bool(m.get("passed")) for m in metas), "gate_held": sum(bool(m.get("gate_held")) for m in metas),
+        "passed": passed, "gate_held": sum(bool(m.get("gate_held")) for m in metas),
         "topic_learned": sum(bool(m.get("topic_learned")) for m in metas),
-        "diffs_per_hour": round(stats["made"] / hours, 2), "gated_per_hour": round(sum(bool(m.get("passed")) for m in metas) / hours, 2),
+        "diffs_per_hour": round(stats["made"] / hours, 2), "gated_per_hour": round(passed / hours, 2),
         "mention_rate": {c: round(sum(m["check_counts"][c] for m in metas) / sum(m["check_n"][c] for m in metas), 4)
                          for c in metas[0]["check_counts"]},
     }

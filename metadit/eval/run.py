@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metadit.bank.diff_bank import banks_chat_format
 from metadit.errors import MetaditError
 from metadit.eval.baselines import METHODS, Evaluator, MethodContext, check_guesser, get_guesser, get_method, reguess
 from metadit.eval.heldout import HeldOut, load_heldout, read_split
@@ -65,16 +66,6 @@ def _score(rows: list[dict[str, Any]], judges: list[str]) -> None:
 
 def _fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def banks_chat_format(banks: list[str]) -> str:
-    """The one chat format the banks' diffs were made with (the evaluation asks in it)."""
-    from metadit.bank import DiffBank
-
-    formats = {DiffBank.open(b).chat_format for b in banks}
-    if len(formats) != 1:
-        raise MetaditError(f"banks {banks} were made with different chat formats {sorted(formats)}")
-    return formats.pop()
 
 
 def evaluate(
