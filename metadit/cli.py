@@ -228,7 +228,7 @@ def _ask(args: argparse.Namespace) -> int:
 
     from metadit.bank import DiffBank, LoraDiff
     from metadit.text import chat_prompt, generate_texts
-    from metadit.models import load_base_model
+    from metadit.models import load_base_model, require_chat_format
     from metadit.nn import patch_model, set_adapter
 
     bank = None
@@ -253,11 +253,10 @@ def _ask(args: argparse.Namespace) -> int:
         base = base or adapter.info.get("base_model")
     if not base:
         raise MetaditError("no base model recorded in the diff or adapter: pass --base_model")
-    chat_format = bank.chat_format if bank is not None else (adapter.info.get("chat_format", "default")
-                                                              if adapter is not None else "default")
-    if adapter is not None and bank is not None and adapter.info.get("chat_format", "default") != bank.chat_format:
-        raise MetaditError(f"{args.adapter}: trained with chat format {adapter.info.get('chat_format', 'default')!r}, "
-                           f"the bank's diffs with {bank.chat_format!r}")
+    trained_with = adapter.info.get("chat_format", "default") if adapter is not None else "default"
+    chat_format = bank.chat_format if bank is not None else trained_with
+    if adapter is not None:
+        require_chat_format(str(args.adapter), trained_with, chat_format)
     model, tok = load_base_model(base, dtype="auto", chat_format=chat_format)
     patch_model(model)
     if bank is not None:

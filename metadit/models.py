@@ -170,6 +170,12 @@ def chat_format_of(tok: Any) -> str:
     return getattr(tok, _FORMAT_ATTR, "default")
 
 
+def require_chat_format(what: str, recorded: str, expected: str) -> None:
+    """A DIT adapter asks in the chat format it was trained with: refuse diffs made in another."""
+    if recorded != expected:
+        raise MetaditError(f"{what}: the adapter was trained with chat format {recorded!r}, the diffs use {expected!r}")
+
+
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Does this device compute bf16 matmuls natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX)?"""
     if torch.device(device).type == "cuda":

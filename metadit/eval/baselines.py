@@ -60,11 +60,9 @@ class Evaluator:
                 raise MetaditError(f"{adapter}: encoder-mode adapters are evaluated with `metadit test` "
                                    "(they need the DiffEncoder); `metadit eval` takes dit-mode adapters")
             loaded = LoraDiff.from_peft(adapter)
-            from metadit.models import chat_format_of
+            from metadit.models import chat_format_of, require_chat_format
 
-            if loaded.info.get("chat_format", "default") != chat_format_of(tok):
-                raise MetaditError(f"{adapter}: the adapter was trained with chat format "
-                                   f"{loaded.info.get('chat_format', 'default')!r}, the diffs use {chat_format_of(tok)!r}")
+            require_chat_format(str(adapter), loaded.info.get("chat_format", "default"), chat_format_of(tok))
             set_adapter(model, loaded)
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
 
