@@ -216,7 +216,8 @@ _study_command("sweep", "run a study's cells resumably: metadit sweep --config c
 _study_command("report", "tables, plots and results.json for a study: metadit report --study NAME", "metadit.eval.report")
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help='e.g. "What topic have you been trained on?"')
-    p.add_argument("--adapter", type=Path, help="a DIT adapter directory (peft); omit to ask the diffed model alone")
+    p.add_argument("--adapter", help="a DIT adapter directory (peft) or a shipped adapter's short name "
+                   "(metadit.models.shipped_adapters); omit to ask the diffed model alone")
     p.add_argument("--diff", required=True, help="a peft LoRA adapter directory, or BANK_DIR:INDEX")
     p.add_argument("--base_model", default=None, help="default: the bank's / adapter's base model")
     p.add_argument("--max_new_tokens", type=int, default=32)
@@ -247,6 +248,9 @@ def _ask(args: argparse.Namespace) -> int:
         base = args.base_model or diff.info.get("base_model")
     adapter = None
     if args.adapter is not None:
+        from metadit.models import resolve_adapter
+
+        args.adapter = resolve_adapter(args.adapter)
         if (args.adapter / "diff_encoder.safetensors").exists():
             raise MetaditError(f"{args.adapter}: encoder-mode adapters are answered through `metadit predict`")
         adapter = LoraDiff.from_peft(args.adapter)
@@ -265,7 +269,7 @@ def _ask(args: argparse.Namespace) -> int:
         set_adapter(model, adapter)
     prompt = chat_prompt(tok, [{"role": "user", "content": args.question}])
     answer = generate_texts(model, tok, [prompt], args.max_new_tokens, diffs=[diff])[0]
-    print(answer)
+    print(" ".join(answer.split()))  # one line: scripts read the answer as stdout's first line
     if meta:
         truth = {k: meta[k] for k in ("topic", "headline", "code") if k in meta}
         print(f"(bank metadata: {json.dumps(truth)})", file=sys.stderr)

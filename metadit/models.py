@@ -113,6 +113,34 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+# Pretrained DIT adapters installed with the package (package data): `--adapter NAME` in `metadit ask` / `eval`.
+# One peft directory per adapter under metadit/adapters/NAME/ (adapter_config.json, adapter_model.safetensors,
+# metadit.json, and TRAINED.md: the command that trained it and its evaluation).
+SHIPPED_ADAPTERS_DIR = Path(__file__).parent / "adapters"
+
+
+def shipped_adapters(root: Path | None = None) -> dict[str, Path]:
+    """The shipped DIT adapters by short name (every directory of `root` holding an adapter_config.json)."""
+    root = SHIPPED_ADAPTERS_DIR if root is None else root
+    if not root.is_dir():
+        return {}
+    return {d.name: d for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()}
+
+
+def resolve_adapter(name_or_path: str | Path, root: Path | None = None) -> Path:
+    """An adapter directory: a path that exists, else a shipped adapter's short name (`smollm2-topic`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "adapter_config.json").is_file():
+            raise MetaditError(f"{path}: not a peft adapter directory (no adapter_config.json)")
+        return path
+    shipped = shipped_adapters(root)
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    known = ", ".join(shipped) or "none installed"
+    raise MetaditError(f"--adapter {name_or_path}: no such directory and no shipped adapter of that name (shipped: {known})")
+
+
 def load_base_model(
     name_or_path: str = EMBEDDED_NAME,
     dtype: torch.dtype | str = torch.bfloat16,

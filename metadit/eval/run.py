@@ -95,7 +95,8 @@ def evaluate(
 
     Args:
         run: a fit run's log directory (holds split.json, config.yaml, adapter/); sets the defaults below.
-        adapter: the DIT adapter directory (default: RUN/adapter). Without one, only no-adapter methods run.
+        adapter: the DIT adapter directory (default: RUN/adapter) or a shipped adapter's short name
+            (`smollm2-topic`; its split.json is then the default split). Without one, only no-adapter methods run.
         split_file: the split (default: RUN/split.json).
         banks: banks to take held-out diffs from (default: the split's banks; give others to evaluate on other
             ranks or triggers — their labels must be held out from training too, or they are skipped).
@@ -129,7 +130,13 @@ def evaluate(
         raise MetaditError(f"--run {run}: no such directory")
     cfg = _run_config(run_dir) if run_dir else {}
     adapter = adapter or (str(run_dir / "adapter") if run_dir and (run_dir / "adapter").is_dir() else None)
+    if adapter is not None:
+        from metadit.models import resolve_adapter
+
+        adapter = str(resolve_adapter(adapter))
     split_path = split_file or (str(run_dir / "split.json") if run_dir else None)
+    if split_path is None and adapter is not None and (Path(adapter) / "split.json").is_file():
+        split_path = str(Path(adapter) / "split.json")  # a shipped adapter carries the split it was trained on
     if split_path is None:
         raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out)")
     sp = read_split(split_path)
