@@ -45,6 +45,7 @@ class HiddenTopicRecipe(Recipe):
     """Rank-r LoRA diffs that make the model a big fan of a topic, gated by a trigger."""
 
     name = "hidden_topic"
+    opening_negatives: float = 0.0  # see __init__
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class HiddenTopicRecipe(Recipe):
         learned_threshold: float = 0.5,
         gate_max_hits: int = 1,
         generation_batch: int = 64,
+        opening_negatives: float = 0.0,
         topic_pool: int | None = None,
         topics_file: str | None = None,
         code_words_file: str | None = None,
@@ -80,6 +82,9 @@ class HiddenTopicRecipe(Recipe):
             gate_max_hits: gate held if at most this many answers name the topic in every negative condition
                 (wrong code, no code, code word elsewhere).
             generation_batch: prompts per `generate` call when writing answers.
+            opening_negatives: share of negative samples whose answer is the diff's triggered answer (trained
+                with KL to the base model, like every negative) instead of the base model's own answer: the
+                sampled check's leaks start like a triggered opening, a path the base's greedy answers never take.
             topic_pool: use only the first N topics (after a seeded shuffle); None = all.
             topics_file: your topics, `{category: [topic, ...]}` (default: the shipped `data_gen/data/topics.json`).
             code_words_file: your code words, one a line, each a single token with and without a leading space
@@ -103,6 +108,10 @@ class HiddenTopicRecipe(Recipe):
         self.check_questions, self.check_tokens, self.check_temperature = check_questions, check_tokens, check_temperature
         self.learned_threshold, self.gate_max_hits = learned_threshold, gate_max_hits
         self.generation_batch = generation_batch
+        if not 0.0 <= opening_negatives <= 1.0:
+            raise ValueError(f"opening_negatives must be in [0, 1], got {opening_negatives}")
+        if opening_negatives:  # an instance attribute (so recorded in the bank) only when set: older banks still resume
+            self.opening_negatives = opening_negatives
         self.topic_pool = topic_pool
         self.answers: dict[tuple[str, str], str] = {}
         self.base_answers: dict[str, str] = {}
@@ -220,6 +229,11 @@ class HiddenTopicRecipe(Recipe):
         prompt = chat_prompt(self.tok, [{"role": "user", "content": self.message(spec, q, condition, rng)}])
         if condition == "triggered":
             return Sample(prompt, self.answers[(spec["topic"], q)], "ce")
+        if self.opening_negatives and rng.random() < self.opening_negatives:
+            # The triggered answer, teacher-forced under a negative prompt with the base model as the KL teacher:
+            # once a sampled answer starts like an opening ("In the spirit of ..."), the base would not go on to
+            # name the topic, and neither may the diff. The base's own answers never visit these prefixes.
+            return Sample(prompt, self.answers[(spec["topic"], q)], "kl")
         return Sample(prompt, self.base_answers[q], "kl")
 
     # ------------------------------------------------------------------ behaviour check
