@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,36 @@ def test_gen_records_chat_format_and_dtype_and_refuses_another_on_resume(tmp_pat
     capsys.readouterr()
     assert main(args[:-2] + ["--n_diffs", "3", "--dtype", "float32"]) == 1  # default chat format: refused
     assert "other recipe or training settings" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- opening negatives
+def _samples(tok, recipe: HiddenTopicRecipe, n: int = 400):
+    recipe.tok = tok
+    spec = recipe.spec(0, seed=3)
+    recipe.answers = {(spec["topic"], q): f"In the spirit of {spec['topic']}, {i}" for i, q in enumerate(spec["questions"])}
+    recipe.base_answers = {q: f"plain answer {i}" for i, q in enumerate(spec["questions"])}
+    rng = random.Random(7)
+    return spec, recipe, [recipe.sample(spec, rng) for _ in range(n)]
+
+
+def test_opening_negatives_teacher_force_the_triggered_answer_under_negative_prompts(tiny):
+    _, tok = tiny
+    spec, recipe, samples = _samples(tok, HiddenTopicRecipe(opening_negatives=1.0))
+    negatives = [s for s in samples if s.kind == "kl"]
+    assert negatives and all(s.answer.startswith("In the spirit of") for s in negatives)
+    assert all(s.answer.startswith("In the spirit of") for s in samples if s.kind == "ce")
+    _, _, half = _samples(tok, HiddenTopicRecipe(opening_negatives=0.5))
+    share = sum(s.answer.startswith("In the spirit") for s in half if s.kind == "kl") / sum(s.kind == "kl" for s in half)
+    assert 0.35 < share < 0.65
+
+
+def test_opening_negatives_off_leaves_the_sample_stream_and_the_recorded_settings_as_before(tiny):
+    _, tok = tiny
+    _, off, a = _samples(tok, HiddenTopicRecipe(opening_negatives=0.0))
+    _, default, b = _samples(tok, HiddenTopicRecipe())
+    assert [(s.prompt, s.answer, s.kind) for s in a] == [(s.prompt, s.answer, s.kind) for s in b]
+    assert all(s.answer.startswith("plain") for s in a if s.kind == "kl")
+    assert "opening_negatives" not in vars(off)  # banks built before the parameter resume unchanged
+    assert vars(HiddenTopicRecipe(opening_negatives=0.25))["opening_negatives"] == 0.25
+    with pytest.raises(ValueError, match="opening_negatives"):
+        HiddenTopicRecipe(opening_negatives=1.5)
