@@ -31,6 +31,7 @@ from torch import nn
 
 from data_gen.recipe import Recipe, RecipeDataError
 from metadit.errors import MetaditError
+from metadit.provenance import git_commit
 from metadit.text import encode_samples, row_losses
 
 
@@ -336,6 +337,7 @@ def generate_bank(
     recipe.setup(model, tok, cache)
     store = getattr(torch, store_dtype)
     start = time.time()
+    commit = git_commit()  # each entry records the code that made it
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -371,7 +373,7 @@ def generate_bank(
                 meta = {k: v for k, v in spec.items() if k not in ("questions",)}
                 meta.update(check)
                 meta.update({"final_loss": round(loss, 4), "rank": train.rank, "steps": train.steps, "lr": train.lr,
-                             "flagged": not check.get("passed", True)})
+                             "flagged": not check.get("passed", True), "commit": commit})
                 if train.full_finetune:
                     meta.update(_full_meta(diff, train.store_rank))
                 metas.append(meta)

@@ -239,3 +239,15 @@ def test_gen_makes_bit_identical_diffs_before_and_after_the_layering_change(tmp_
     assert len(banks["old"]) == len(banks["new"]) == 4
     assert [r["sha256"] for r in banks["old"].rows] == [r["sha256"] for r in banks["new"].rows]
     assert banks["old"].header["info"] == banks["new"].header["info"]
+
+
+def test_entries_record_the_commit_of_the_checkout_that_ran_not_of_the_working_directory(tmp_path, monkeypatch):
+    from metadit.provenance import git_commit
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)  # not a git checkout: the commit still comes from the package's own
+    assert git_commit().split("-")[0] == head
+    bank = tmp_path / "bank"
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(bank), "--progress", "false",
+                 "--n_diffs", "2", "--diffs_per_pass", "2"]) == 0
+    assert {DiffBank.open(bank).meta(i)["commit"] for i in range(2)} == {git_commit()}
