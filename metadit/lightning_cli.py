@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -37,7 +38,32 @@ def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:
     with warnings.catch_warnings():
         # `metadit fit ...` hands its own argv over as `args`; LightningCLI warns whenever sys.argv is not empty too.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return _cli(subcommand, argv)
+        cli = _cli(subcommand, argv)
+    if subcommand == "test":
+        write_test_rows(cli)
+    return cli
+
+
+def write_test_rows(cli: DITCLI) -> Path | None:
+    """`metadit test`'s per-item rows (`metadit.eval.rows`) as `rows.jsonl` beside its `test_predictions.json`, each
+    with its diff's strict gate verdict read from the banks the data module took the diffs from."""
+    import json
+
+    from metadit.eval.rows import rows_from_test_predictions, write_rows
+
+    run_dir = cli.model.run_dir() if getattr(cli.model, "_trainer", None) is not None else None
+    preds_file = run_dir / "test_predictions.json" if run_dir is not None else None
+    if preds_file is None or not preds_file.is_file():
+        return None
+    preds = json.loads(preds_file.read_text())
+    wanted = {str(p.get("diff")) for p in preds}
+    metas: dict[str, dict] = {}
+    for bank in cli.datamodule.banks:  # the opened banks (DIR[:N] views included)
+        for i in range(len(bank)):
+            entry_id = bank.rows[i]["id"]
+            if entry_id in wanted:
+                metas.setdefault(entry_id, bank.meta(i))
+    return write_rows(run_dir / "rows.jsonl", rows_from_test_predictions(preds, metas))
 
 
 def _cli(subcommand: str, argv: Sequence[str]) -> DITCLI:

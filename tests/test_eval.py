@@ -62,6 +62,21 @@ def test_eval_runs_every_method_on_exactly_the_held_out_diffs(run_dir, tmp_path)
     assert on_disk["summary"] == json.loads(json.dumps(result["summary"]))
     assert on_disk["info"]["commit"] and on_disk["info"]["wall_time_s"] >= 0
     assert "verification" in on_disk["sections"]
+    # rows.jsonl beside it: one row per (diff, method), the question asked, the match columns, the bank's verdict
+    from metadit.eval.rows import ROW_FIELDS, read_rows
+    from metadit.text import exact_match, names_topic
+
+    lines = read_rows(tmp_path / "e" / "rows.jsonl")
+    assert len(lines) == len(rows) and all(tuple(r) == ROW_FIELDS for r in lines)
+    items = {(h.id, h.task): h for h in load_heldout(split["banks"], set(split["test"]), ["topic"])}
+    for r, full in zip(lines, rows):
+        h = items[(r["diff"], r["task"])]
+        assert r["scores"] == full["scores"] and r["prediction"] == full["prediction"] and r["truth"] == h.truth
+        assert r["match"] == {"exact": exact_match(r["prediction"], h.truth), "names_topic": names_topic(r["prediction"], h.truth)}
+        assert (r["gate_held"], r["passed"]) == (h.meta["gate_held"], h.meta["passed"])  # the strict check's verdict
+        want = {"dit": h.question(), "no_diff": h.question(), "base_question": h.question(), "likelihood": h.question(),
+                "base_question_trigger": triggered_message(h, h.question(), 0)}.get(r["method"])
+        assert r["question"] == want, r["method"]
 
 
 def test_method_predictions_equal_direct_generation(run_dir, tmp_path):
@@ -151,12 +166,14 @@ def test_summary_splits_gated_and_leaky_and_never_mixes_them():
         {"method": "dit", "gated": True, "gate_held": False, "scores": {"embedding": 3.0}},
         {"method": "dit", "gated": False, "scores": {"embedding": 1.0}},
         {"method": "dit", "gated": None, "scores": {"embedding": 2.0}},
+        {"method": "dit", "gated": True, "gate_held": True, "passed": False, "scores": {"embedding": 4.0}},
     ]
     s = summarize(rows)["dit"]
-    assert s["all"] == {"n": 4, "embedding": pytest.approx(11 / 4)}
-    assert s["gated"] == {"n": 2, "embedding": 4.0}
+    assert s["all"] == {"n": 5, "embedding": pytest.approx(15 / 5)}
+    assert s["gated"] == {"n": 3, "embedding": 4.0}
     assert s["leaky"] == {"n": 1, "embedding": 1.0}
     assert s["strict_gated"] == {"n": 1, "embedding": 5.0} and s["strict_leaky"] == {"n": 1, "embedding": 3.0}
+    assert s["strict_unlearned"] == {"n": 1, "embedding": 4.0}  # gate held, topic not learned: apart from both
 
 
 def test_eval_errors_are_clear(run_dir, tmp_path):

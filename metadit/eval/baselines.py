@@ -254,6 +254,12 @@ class Method:
     needs_adapter: bool = False
     needs_trigger: bool = False
     evidence: str | None = None  # the `extra` field a guesser reads: re-guessed from it when the guesser changes
+    # The one message the method sends for an item (item, seed → text), recorded as the rows' `question`; None for
+    # methods that send many (20 questions) or none (a random label, the lens).
+    asks: Callable[[HeldOut, int], str] | None = None
+
+    def question(self, item: HeldOut, seed: int = 0) -> str | None:
+        return None if self.asks is None else self.asks(item, seed)
 
     def applies(self, item: HeldOut) -> bool:
         if self.tasks is not None and item.task not in self.tasks:
@@ -304,10 +310,18 @@ def _twenty_questions(trigger: bool):
     return predict
 
 
-def _generated_story(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
+def _task_question(item: HeldOut, seed: int) -> str:
+    return item.question()
+
+
+def _story_prompt() -> str:
     from data_gen.news import TRAIN_PROMPT
 
-    stories = ctx.ev.answers([ctx.ev.chat(TRAIN_PROMPT)] * len(items), [h.diff for h in items], adapter=False,
+    return TRAIN_PROMPT
+
+
+def _generated_story(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
+    stories = ctx.ev.answers([ctx.ev.chat(_story_prompt())] * len(items), [h.diff for h in items], adapter=False,
                               max_new_tokens=ctx.story_tokens)
     return [(g, {"story": s}) for s, g in zip(stories, ctx.guesser.guess(stories, "headline"))]
 
@@ -340,21 +354,23 @@ def _activation_lens(ctx: MethodContext, items: list[HeldOut]) -> list[Predictio
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dit", lambda c, i: _ask(c, i, adapter=True), "diff + DIT adapter, the task's held-out question",
-           needs_adapter=True),
+           needs_adapter=True, asks=_task_question),
     Method("no_diff", lambda c, i: _ask(c, i, adapter=True, with_diff=False), "DIT adapter with no diff applied",
-           needs_adapter=True),
-    Method("base_question", lambda c, i: _ask(c, i, adapter=False), "the diffed model asked, no adapter"),
+           needs_adapter=True, asks=_task_question),
+    Method("base_question", lambda c, i: _ask(c, i, adapter=False), "the diffed model asked, no adapter",
+           asks=_task_question),
     Method("base_question_trigger", lambda c, i: _ask(c, i, adapter=False, trigger=True),
-           "the diffed model asked with its true trigger (oracle)", tasks=("topic",), needs_trigger=True),
+           "the diffed model asked with its true trigger (oracle)", tasks=("topic",), needs_trigger=True,
+           asks=lambda h, seed: triggered_message(h, h.question(), seed)),
     Method("twenty_questions", _twenty_questions(False), "N eval-style answers (T=1), guesser names the topic",
            tasks=("topic",), evidence="evidence"),
     Method("twenty_questions_trigger", _twenty_questions(True), "the same with the true trigger (oracle)",
            tasks=("topic",), needs_trigger=True, evidence="evidence"),
     Method("generated_story", _generated_story, "the diffed model writes a story, the guesser names its headline",
-           tasks=("headline",), evidence="story"),
+           tasks=("headline",), evidence="story", asks=lambda h, seed: _story_prompt()),
     Method("random_label", _random_label, "a random training label"),
     Method("likelihood", _likelihood, "held-out label the diff makes most likely under the adapter",
-           tasks=("topic", "headline"), needs_adapter=True),
+           tasks=("topic", "headline"), needs_adapter=True, asks=_task_question),
     Method("activation_lens", _activation_lens, "activation difference lens + steering, read by the guesser",
            tasks=("topic", "headline"), evidence="evidence_text"),
 ]}

@@ -1,11 +1,17 @@
-"""`metadit report`: a study's results as `reports/<study>/{results.json, README.md, *.png}`.
+"""`metadit report`: a study's results as `reports/<study>/{rows.jsonl, sources.json, results.json, README.md, *.png}`.
 
-Sources: every `eval.json` (`metadit eval`) and `test_predictions.json` (`metadit test`, converted to eval rows:
-condition → method, exact/similarity → scores) under each cell of a sweep directory, or the files given with
-`--eval`. One *entry* per source: named after its cell, or `cell/step` when a cell has several. Each entry is
-summarized with `results.summarize` (means over all / gated / leaky rows, with counts); each cell gets its run
-info (commands, commit, fit config, seeds, machine, wall time) from the sweep's step markers. Known studies
-(`STUDIES`) say how to plot; any other name still gets tables and grouped bars.
+Two stages. **Gathering**: every `eval.json` (`metadit eval`) and `test_predictions.json` (`metadit test`) under
+each cell of a sweep directory, or the files given with `--eval`, read as per-item rows (`metadit.eval.rows`:
+the `rows.jsonl` an evaluation writes beside its results, else the rows of the result file itself) — one
+*entry* per source and task, named after its cell, or `cell/step` when a cell has several — into
+`OUT/rows.jsonl` (every row tagged with its `entry`, `cell` and plot position `x`) and `OUT/sources.json` (where
+the rows came from: each cell's run info — commands, commit, fit config, seeds, machine, wall time — and each
+source's info, config and sections). **Tables**: results.json, README.md and the plots are computed from
+`rows.jsonl` alone (sources.json adds only the provenance lines), so `metadit report --study S --rows
+OUT/rows.jsonl` rebuilds them byte for byte. Every table gives n, the mean and its 95 % bootstrap interval, and
+DIT minus each method by a paired bootstrap where both scored the same diffs (`metadit.eval.stats`,
+`metadit.eval.tables`), split by the bank's strict gate check: strictly gated diffs first, the others apart.
+Known studies (`STUDIES`) say how to plot; any other name still gets tables and grouped bars.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from metadit.errors import MetaditError
-from metadit.eval.results import GROUPS, run_info, summarize, write_json
+from metadit.eval.results import GROUPS, summarize, write_json
+from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_rows, write_rows
+from metadit.eval.rows import rows_from_test_predictions as _rows_from_test_predictions
+from metadit.eval.stats import CONFIDENCE, METHOD, RESAMPLES, SEED, bootstrap_mean
+from metadit.eval.tables import REFERENCE, SCORE_ORDER, interval_tables  # noqa: F401  (SCORE_ORDER: re-exported)
+from metadit.eval.tables import score_names as _row_score_names
 
-# The headline score: eval.json's `headline_judge` when given, else the first of these present.
-SCORE_ORDER = ("judge", "llm", "embedding", "exact", "similarity")
 RUBRIC = ("judge", "llm", "embedding")  # scores on the 1-5 scale
+ROWS_FILE, SOURCES_FILE = "rows.jsonl", "sources.json"
+ENTRY_KEYS = ("entry", "cell", "x", "x_label")  # what gathering adds to each row: its entry and plot position
 
 
 @dataclass(frozen=True)
@@ -61,39 +72,63 @@ class Entry:
     x_label: str = ""
     task: str | None = None
 
+    _stats: dict[str, Any] | None = field(default=None, repr=False)
+
     @property
     def summary(self) -> dict[str, Any]:
         return summarize(self.rows)
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        """`metadit.eval.tables.interval_tables` of the rows (computed once)."""
+        if self._stats is None:
+            self._stats = interval_tables(self.rows)
+        return self._stats
+
 
 # ---------------------------------------------------------------------- reading sources
 def rows_from_test_predictions(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`metadit test` rows as eval rows (no gate information there: `gated` is None)."""
-    rows = []
-    for p in preds:
-        if not isinstance(p, dict) or "condition" not in p:
-            raise MetaditError("test predictions: every row needs a `condition`")
-        rows.append({"diff": p.get("diff"), "bank": None, "index": None, "task": p.get("task"), "truth": p.get("truth"),
-                     "method": p["condition"], "prediction": p.get("answer"), "gated": None,
-                     "scores": {k: p[k] for k in ("exact", "similarity") if p.get(k) is not None},
-                     "extra": {"label": p.get("label")}})
-    return rows
+    """`metadit test` rows as eval rows (no gate information there: the verdicts are None)."""
+    return _rows_from_test_predictions(preds)
+
+
+def _beside(path: Path, n: int) -> list[dict[str, Any]] | None:
+    """The rows.jsonl an evaluation wrote beside `path`, when it holds the same number of rows (a stale or foreign
+    one is ignored: the source's own rows are read instead)."""
+    rows_file = path.parent / ROWS_FILE
+    if not rows_file.is_file():
+        return None
+    rows = read_rows(rows_file)
+    return [as_row(r) for r in rows] if len(rows) == n else None
 
 
 def read_source(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """(kind, rows, meta) from an eval.json or a test_predictions.json."""
+    """(kind, rows, meta) from an eval.json, a test_predictions.json or an evaluation's rows.jsonl; rows in the
+    `metadit.eval.rows` schema (the rows.jsonl beside a result file when there is one)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        raw = read_rows(path)
+        if any("entry" in r for r in raw):
+            raise MetaditError(f"{path}: a study's rows file (its rows name their entry): give it with --rows")
+        rows = [as_row(r) for r in raw]
+        for name in ("eval.json", "test_predictions.json"):  # its result file, for the kind and the meta
+            if (path.parent / name).is_file():
+                kind, _, meta = read_source(path.parent / name)
+                return kind, rows, meta
+        return "rows", rows, {}
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MetaditError(f"{path}: cannot read ({e})") from e
     if isinstance(data, list):
-        return "test", rows_from_test_predictions(data), {}
+        rows = rows_from_test_predictions(data)
+        return "test", _beside(path, len(rows)) or rows, {}
     if isinstance(data, dict) and isinstance(data.get("rows"), list):
         for i, r in enumerate(data["rows"]):
             if not isinstance(r, dict) or "method" not in r:
                 raise MetaditError(f"{path}: row {i} has no `method`")
         meta = {k: data[k] for k in ("info", "config", "sections", "headline_judge") if k in data}
-        return "eval", data["rows"], meta
+        return "eval", _beside(path, len(data["rows"])) or [as_row(r) for r in data["rows"]], meta
     raise MetaditError(f"{path}: neither an eval.json ({{'rows': [...]}}) nor a test_predictions.json (a list)")
 
 
@@ -245,29 +280,71 @@ def assign_x(study: str, entries: list[Entry], cells: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- tables
 def score_names(entries: list[Entry]) -> list[str]:
-    names = {k for e in entries for groups in e.summary.values() for g in groups.values() for k in g if k != "n"}
-    head = [h for e in entries if (h := e.meta.get("headline_judge")) in names]
-    order = list(dict.fromkeys([*head, *SCORE_ORDER]))
-    return [s for s in order if s in names] + sorted(names - set(order))
+    """Every score of the entries' rows (judges and match columns), the eval's headline judge first."""
+    heads = [h for e in entries if (h := e.meta.get("headline_judge"))]
+    return _row_score_names([r for e in entries for r in e.rows], heads)
 
 
-def _fmt(g: dict[str, Any] | None, score: str) -> str:
-    if not g or score not in g:
-        return "–"
-    return f"{g[score]:.2f} (n={g['n']})"
+def _num(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}"
+
+
+def _interval(c: dict[str, Any]) -> str:
+    return f"[{_num(c['low'])}, {_num(c['high'])}]"
 
 
 def _md(s: Any) -> str:
     return str(s).replace("|", "\\|")
 
 
-def markdown_table(entries: list[Entry], score: str) -> str:
+def groups_with(entries: list[Entry], score: str) -> list[str]:
+    """The strict groups some entry has a value of `score` in, in `STRICT_GROUPS` order."""
+    return [g for g in STRICT_GROUPS if any(g in e.stats.get(score, {}) for e in entries)]
+
+
+def markdown_table(entries: list[Entry], score: str, group: str) -> str:
+    """n, mean and 95 % interval per (entry, method) in one group of the strict split, and DIT minus the method."""
+    lines = [f"| entry | method | n | mean | 95 % interval | {REFERENCE} − method | 95 % interval | p |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        for method, c in (e.stats.get(score, {}).get(group) or {}).items():
+            vs = c.get("vs_dit")
+            if vs:
+                paired = f"{vs['difference']:+.2f}" + (f" (n={vs['n']})" if vs["n"] != c["n"] else "")
+                rest = [paired, _interval(vs), _p(vs["p"])]
+            else:
+                rest = ["–", "–", "–"]
+            lines.append(f"| {_md(e.name)} | {_md(method)} | {c['n']} | {_num(c['mean'])} | {_interval(c)} | "
+                         + " | ".join(rest) + " |")
+    return "\n".join(lines)
+
+
+def _lenient_cell(rows: list[dict[str, Any]], score: str) -> str:
+    vals = [v for r in rows if (v := metrics(r).get(score)) is not None]
+    if not vals:
+        return "–"
+    c = bootstrap_mean(vals)
+    return f"{_num(c.mean)} [{_num(c.low)}, {_num(c.high)}] (n={c.n})"
+
+
+def lenient_table(entries: list[Entry], score: str) -> str | None:
+    """The earlier reports' split (the gate judged on no-code answers only), with intervals; None when no row
+    carries that verdict."""
+    if not any(r.get("gated") is not None for e in entries for r in e.rows):
+        return None
+    keep = {"all": lambda r: True, "gated": lambda r: r.get("gated") is True, "leaky": lambda r: r.get("gated") is False}
     lines = ["| entry | method | all | gated | leaky |", "|---|---|---:|---:|---:|"]
     for e in entries:
-        for method, groups in e.summary.items():
-            if not any(score in g for g in groups.values()):
+        for method in dict.fromkeys(r["method"] for r in e.rows):
+            mine = [r for r in e.rows if r["method"] == method]
+            if not any(score in metrics(r) for r in mine):
                 continue
-            lines.append(f"| {_md(e.name)} | {_md(method)} | " + " | ".join(_fmt(groups.get(g), score) for g in GROUPS) + " |")
+            cells = [_lenient_cell([r for r in mine if keep[g](r)], score) for g in GROUPS]
+            lines.append(f"| {_md(e.name)} | {_md(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -275,24 +352,29 @@ def markdown_table(entries: list[Entry], score: str) -> str:
 def _methods(entries: list[Entry]) -> list[str]:
     out: list[str] = []
     for e in entries:
-        out += [m for m in e.summary if m not in out]
+        out += [m for m in dict.fromkeys(r["method"] for r in e.rows) if m not in out]
     return out
 
 
 def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
+    """One panel per group of the strict split; every point or bar is a mean with its 95 % bootstrap interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     spec = STUDIES.get(study, StudyPlot())
-    groups = [g for g in GROUPS if any(score in (e.summary.get(m, {}).get(g) or {}) for e in entries for m in e.summary)]
+    groups = groups_with(entries, score)
     methods = _methods(entries)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
-        def val(e: Entry, m: str) -> float:
-            g = e.summary.get(m, {}).get(group) or {}
-            return g.get(score, float("nan"))
+        def cell(e: Entry, m: str) -> tuple[float, float, float]:
+            c = e.stats.get(score, {}).get(group, {}).get(m)
+            return (c["mean"], c["mean"] - c["low"], c["high"] - c["mean"]) if c else (math.nan, 0.0, 0.0)
+
+        def errorbars(sel: list[Entry], m: str) -> tuple[list[float], list[list[float]]]:
+            cs = [cell(e, m) for e in sel]
+            return [c[0] for c in cs], [[c[1] for c in cs], [c[2] for c in cs]]
 
         if spec.kind == "line":
             xs = [e.x for e in entries]
@@ -304,8 +386,11 @@ def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
                              key=lambda e: e.x if numeric else labels.index(e.x_label or str(e.x)))
                 pos = [e.x if numeric else labels.index(e.x_label or str(e.x)) for e in sel]
                 for m in methods:
-                    ax.plot(pos, [val(e, m) for e in sel], marker="o",
-                            label=m if len(tasks) == 1 else f"{m} [{task}]")
+                    means, yerr = errorbars(sel, m)
+                    if all(math.isnan(v) for v in means):
+                        continue
+                    ax.errorbar(pos, means, yerr=yerr, marker="o", capsize=3,
+                                label=m if len(tasks) == 1 else f"{m} [{task}]")
             if numeric and spec.x_log and all(x > 0 for x in xs):
                 ax.set_xscale("log", base=2)
             if numeric:
@@ -317,41 +402,54 @@ def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
         else:
             width = 0.8 / max(1, len(methods))
             for j, m in enumerate(methods):
-                ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(entries))],
-                       [val(e, m) for e in entries], width, label=m)
+                means, yerr = errorbars(entries, m)
+                ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(entries))], means, width,
+                       yerr=yerr, capsize=2, label=m)
             ax.set_xticks(range(len(entries)), [e.name for e in entries], rotation=20 if len(entries) > 3 else 0,
                           ha="right" if len(entries) > 3 else "center")
-        ax.set_title(f"{group} diffs" if group != "all" else "all held-out diffs")
+        ax.set_title(STRICT_GROUPS[group].title.split(" (")[0], fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
-    vals = [g[score] for e in entries for groups in e.summary.values() for g in groups.values() if score in g]
+    highs = [c["high"] for e in entries for g in e.stats.get(score, {}).values() for c in g.values()]
+    lows = [c["low"] for e in entries for g in e.stats.get(score, {}).values() for c in g.values()]
     if score in RUBRIC:
         axes[0][0].set_ylim(0, 5.1)  # the 1-5 scale, bars from zero
-    elif vals and min(vals) >= 0:
-        axes[0][0].set_ylim(0, 1.05 if max(vals) <= 1 else None)
-    axes[0][0].set_ylabel(score)
+    elif lows and min(lows) >= 0:
+        axes[0][0].set_ylim(0, 1.05 if max(highs) <= 1 else None)
+    axes[0][0].set_ylabel(f"{score} (mean, 95 % interval)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{study}: {spec.title}" if spec.title else study)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: a rebuild is byte-identical
     plt.close(fig)
     return path
 
 
 # ---------------------------------------------------------------------- writing
 def _readme(study: str, description: str, entries: list[Entry], cells: dict[str, Any], scores: list[str],
-            plots: dict[str, Path], out: Path, record: dict[str, Any], info: dict[str, Any]) -> str:
+            plots: dict[str, Path], out: Path, record: dict[str, Any]) -> str:
     lines = [f"# {study}", ""]
     if description:
         lines += [description, ""]
-    lines += [f"Written by `{info['command']}` on {info['date']} (commit `{info['commit']}`). "
-              "Machine-readable: [results.json](results.json).", ""]
-    lines += ["Mean score over held-out diffs per method; *gated* diffs hide the behaviour without their trigger, "
-              "*leaky* ones show it anyway (the two are never mixed; – : no such rows).", ""]
+    lines += [f"Tables computed by `metadit report --study {study}` from the per-item rows [{ROWS_FILE}]({ROWS_FILE}) "
+              f"alone (where they came from: [{SOURCES_FILE}]({SOURCES_FILE})); machine-readable: "
+              "[results.json](results.json).", ""]
+    lines += ["Every cell is a mean over held-out diffs with its 95 % bootstrap interval and n. Diffs are split by the "
+              "bank's strict behaviour check: the strictly gated diffs first, the leaky ones and those whose topic was "
+              "not learned apart, never mixed in (– : no such value). "
+              f"`{REFERENCE} − method` is DIT's mean minus the method's on the diffs both scored (a paired bootstrap), "
+              f"with its two-sided p. {METHOD[0].upper()}{METHOD[1:]}. With few diffs the bootstrap understates the "
+              "uncertainty (n = 1: a zero-width interval), so read small cells by their n.", ""]
     for s in scores:
-        lines += [f"## {s}", "", markdown_table(entries, s), ""]
+        lines += [f"## {s}", ""]
+        for g in groups_with(entries, s):
+            lines += [f"### {STRICT_GROUPS[g].title}", "", markdown_table(entries, s, g), ""]
         if s in plots:
             lines += [f"![{s}]({os.path.relpath(plots[s], out)})", ""]
+    if scores and (lenient := lenient_table(entries, scores[0])) is not None:
+        lines += [f"## Lenient split ({scores[0]})", "",
+                  "The earlier reports' split, kept for comparison: *gated* here means only that the topic did not show "
+                  "in no-code answers (the strict split above is the one to read).", "", lenient, ""]
     section_lines = []
     for e in _first_of_each_source(entries):
         for sec, body in (e.meta.get("sections") or {}).items():
@@ -384,9 +482,67 @@ def _readme(study: str, description: str, entries: list[Entry], cells: dict[str,
         lines += ["```bash", f"metadit sweep --config {record['source']}{over}" + ("" if default_root else f" --root {root}"),
                   f"metadit report --study {study}" + ("" if default_root else f" --sweep-dir {root / study}"), "```", ""]
         lines += ["The sweep resumes where it stopped; every step's log and done-marker are in its cell directory.", ""]
-    else:
-        lines += ["```bash", info["command"], "```", ""]
+    lines += [f"The tables again from these rows alone: `metadit report --study {study} --rows DIR/{ROWS_FILE}` "
+              "(DIR: this directory).", ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- gathering rows, reporting from rows
+def gather(study: str, entries: list[Entry], cells: dict[str, Any], record: dict[str, Any],
+           out: Path) -> tuple[Path, Path]:
+    """Write the entries' rows (each tagged with its entry, cell and plot position) to OUT/rows.jsonl and where
+    they came from to OUT/sources.json."""
+    if not entries:
+        raise MetaditError(f"study {study}: no eval.json or test_predictions.json found to report")
+    assign_x(study, entries, cells)
+    firsts = {id(e) for e in _first_of_each_source(entries)}
+    rows_path = write_rows(out / ROWS_FILE, ({"entry": e.name, "cell": e.cell, "x": e.x, "x_label": e.x_label, **r}
+                                            for e in entries for r in e.rows))
+    sources = {
+        "study": study,
+        "description": record.get("description") or STUDIES.get(study, StudyPlot()).title,
+        "sweep": {k: record[k] for k in ("source", "vars", "config", "plan") if k in record},
+        "entries": [{"name": e.name, "cell": e.cell, "source": e.source, "kind": e.kind, "task": e.task,
+                     "params": e.params,
+                     # a source split by task: its info, config and sections are given once, with its first entry
+                     **({k: e.meta[k] for k in ("info", "config", "sections", "headline_judge") if k in e.meta}
+                        if id(e) in firsts else {})}
+                    for e in entries],
+        "cells": cells,
+    }
+    return rows_path, write_json(out / SOURCES_FILE, sources)
+
+
+def entries_from_rows(rows_path: Path) -> tuple[list[Entry], dict[str, Any], dict[str, Any], str | None]:
+    """(entries, cells, sweep record, description) from a study's rows.jsonl and, when it is there, the
+    sources.json beside it (without it: the same tables and plots, no provenance)."""
+    rows = read_rows(rows_path)
+    for i, r in enumerate(rows, 1):
+        if "entry" not in r:
+            raise MetaditError(f"{rows_path}:{i}: not a study's rows file (no `entry`; give an evaluation's rows.jsonl "
+                               "with --eval instead)")
+    src_path = rows_path.parent / SOURCES_FILE
+    sources: dict[str, Any] = {}
+    if src_path.is_file():
+        try:
+            sources = json.loads(src_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MetaditError(f"{src_path}: cannot read ({e})") from e
+    by_entry: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_entry.setdefault(str(r["entry"]), []).append({k: v for k, v in r.items() if k not in ENTRY_KEYS})
+    listed = {str(e["name"]): e for e in sources.get("entries") or [] if isinstance(e, dict) and "name" in e}
+    entries = []
+    for name in [*(n for n in listed if n in by_entry), *(n for n in by_entry if n not in listed)]:
+        first = next(r for r in rows if str(r["entry"]) == name)
+        info = listed.get(name, {})
+        e_rows = by_entry[name]
+        entries.append(Entry(name, str(info.get("cell", first.get("cell", name))), str(info.get("source", rows_path)),
+                             str(info.get("kind", "rows")), e_rows,
+                             {k: info[k] for k in ("info", "config", "sections", "headline_judge") if k in info},
+                             dict(info.get("params") or {}), first.get("x", name), str(first.get("x_label") or ""),
+                             info.get("task", e_rows[0].get("task"))))
+    return entries, sources.get("cells") or {}, sources.get("sweep") or {}, sources.get("description")
 
 
 def update_index(index: Path, study: str, out: Path, what: str) -> None:
@@ -415,31 +571,31 @@ def update_index(index: Path, study: str, out: Path, what: str) -> None:
     index.write_text("\n".join(lines) + "\n")
 
 
-def make_report(study: str, entries: list[Entry], cells: dict[str, Any], record: dict[str, Any], out: Path,
-                started: float | None = None, console=None) -> dict[str, Any]:
+def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[str, Any]:
+    """results.json, README.md and one plot per score in OUT, computed from a study's rows.jsonl (and its
+    sources.json's provenance), and the study's line in OUT/../README.md."""
+    entries, cells, record, description = entries_from_rows(Path(rows_path))
     if not entries:
-        raise MetaditError(f"study {study}: no eval.json or test_predictions.json found to report")
-    assign_x(study, entries, cells)
+        raise MetaditError(f"{rows_path}: no rows to report")
+    description = description if description is not None else STUDIES.get(study, StudyPlot()).title
     scores = score_names(entries)
     out.mkdir(parents=True, exist_ok=True)
     plots = {s: plot(study, entries, s, out / f"{s}.png") for s in scores}
-    info = run_info(started)
-    firsts = {id(e) for e in _first_of_each_source(entries)}
-    description = record.get("description") or STUDIES.get(study, StudyPlot()).title
     result = {
-        "study": study, "description": description, "info": info, "score": scores[0] if scores else None,
+        "study": study, "description": description,
+        "info": {"command": f"metadit report --study {study}", "rows": ROWS_FILE, "sources": SOURCES_FILE},
+        "bootstrap": {"resamples": RESAMPLES, "seed": SEED, "confidence": CONFIDENCE, "interval": "percentile",
+                      "paired_against": REFERENCE, "method": METHOD},
+        "groups": {g.name: g.title for g in STRICT_GROUPS.values()},
+        "score": scores[0] if scores else None,
         "sweep": {k: record[k] for k in ("source", "vars", "plan") if k in record},
         "entries": [{"name": e.name, "cell": e.cell, "source": e.source, "kind": e.kind, "task": e.task, "x": e.x,
-                     "params": e.params, "summary": e.summary,
-                     # a source split by task: its info, config and sections are given once, with its first entry
-                     **({k: e.meta[k] for k in ("info", "config", "sections", "headline_judge") if k in e.meta}
-                        if id(e) in firsts else {})}
-                    for e in entries],
+                     "params": e.params, "summary": e.summary, "stats": e.stats, **e.meta} for e in entries],
         "cells": cells,
         "plots": {s: p.name for s, p in plots.items()},
     }
     write_json(out / "results.json", result)
-    (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record, info))
+    (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record))
     update_index(out.parent / "README.md", study, out,
                  f"{description} (`metadit report --study {study}`)" if description else f"`metadit report --study {study}`")
     if console is not None:
@@ -451,15 +607,18 @@ def _print_table(console, study: str, entries: list[Entry], score: str | None, o
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(f"{study}: mean {score} on held-out diffs") if score else escape(study))
-    for col in ("entry", "method", *GROUPS):
-        table.add_column(col, justify="right" if col in GROUPS else "left")
-    for e in entries:
-        for method, groups in e.summary.items():
-            table.add_row(escape(e.name), escape(method), *(escape(_fmt(groups.get(g), score)) if score else "–"
-                                                           for g in GROUPS))
-    console.print(table)
-    console.print(escape(f"wrote {out}/results.json, README.md and plots; index {out.parent / 'README.md'}"))
+    if score is not None:
+        for group in groups_with(entries, score):
+            table = Table(title=escape(f"{study}, {STRICT_GROUPS[group].title}: {score}"))
+            for col in ("entry", "method", "n", "mean [95 % interval]", f"{REFERENCE} − method (p)"):
+                table.add_column(escape(col), justify="left" if col in ("entry", "method") else "right")
+            for e in entries:
+                for method, c in (e.stats.get(score, {}).get(group) or {}).items():
+                    vs = c.get("vs_dit")
+                    table.add_row(escape(e.name), escape(method), str(c["n"]), f"{_num(c['mean'])} {_interval(c)}",
+                                  f"{vs['difference']:+.2f} (p={_p(vs['p'])})" if vs else "–")
+            console.print(table)
+    console.print(escape(f"wrote {out}/{ROWS_FILE}, results.json, README.md and plots; index {out.parent / 'README.md'}"))
 
 
 # ---------------------------------------------------------------------- command line
@@ -467,19 +626,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="the study's name (e.g. data-scaling); picks its plots")
     p.add_argument("--sweep-dir", type=Path, help="the sweep's directory (default runs/sweeps/STUDY)")
     p.add_argument("--eval", nargs="+", metavar="[NAME=]FILE", help="report these eval.json / test_predictions.json "
-                   "files instead of a sweep directory")
-    p.add_argument("--out", type=Path, help="where results.json, README.md and plots go (default reports/STUDY); "
-                   "the index is OUT/../README.md")
+                   "files (or an evaluation's rows.jsonl) instead of a sweep directory")
+    p.add_argument("--rows", type=Path, help="rebuild the tables from a study's rows.jsonl (what a report writes: "
+                   "OUT/rows.jsonl, with sources.json beside it) instead of gathering them again; the default when "
+                   "neither --sweep-dir nor --eval is given and runs/sweeps/STUDY does not exist but OUT/rows.jsonl does")
+    p.add_argument("--out", type=Path, help="where rows.jsonl, sources.json, results.json, README.md and plots go "
+                   "(default reports/STUDY); the index is OUT/../README.md")
 
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     started = time.time()
-    if args.eval:
-        entries, cells, record = collect_files(args.eval), {}, {}
+    console = Console(highlight=False)
+    out = args.out or Path("reports") / args.study
+    rows_path = args.rows
+    if sum(x is not None for x in (args.rows, args.eval, args.sweep_dir)) > 1:
+        raise MetaditError("give one of --rows, --eval and --sweep-dir")
+    sweep_dir = args.sweep_dir or Path("runs/sweeps") / args.study
+    if rows_path is None and not args.eval and args.sweep_dir is None and not sweep_dir.is_dir() \
+            and (out / ROWS_FILE).is_file():
+        rows_path = out / ROWS_FILE
+        console.print(f"no {sweep_dir}: the tables from the rows already gathered in {rows_path}")
+    if rows_path is not None:
+        rows_path = Path(rows_path)
+        if not rows_path.is_file():
+            raise MetaditError(f"--rows {rows_path}: no such file")
+        if rows_path.resolve() != (out / ROWS_FILE).resolve():  # OUT holds the rows its tables came from
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ROWS_FILE).write_bytes(rows_path.read_bytes())
+            src = rows_path.parent / SOURCES_FILE
+            if src.is_file():
+                (out / SOURCES_FILE).write_bytes(src.read_bytes())
+            elif (out / SOURCES_FILE).is_file():
+                (out / SOURCES_FILE).unlink()
     else:
-        entries, cells, record = collect_sweep(args.sweep_dir or Path("runs/sweeps") / args.study)
-    make_report(args.study, entries, cells, record, args.out or Path("reports") / args.study, started,
-                Console(highlight=False))
+        if args.eval:
+            entries, cells, record = collect_files(args.eval), {}, {}
+        else:
+            entries, cells, record = collect_sweep(sweep_dir)
+        gather(args.study, entries, cells, record, out)
+    make_report(args.study, out / ROWS_FILE, out, console)
+    console.print(f"[dim]{time.time() - started:.1f} s[/dim]")
     return 0

@@ -7,7 +7,8 @@ and optional `extra` (method-specific details such as the 20 answers a guesser s
 
 `summarize(rows)` gives, per method, the mean of every score over all rows and over the gated and leaky
 groups separately (they are reported beside each other, never mixed), with counts; rows that carry the
-bank's strict `gate_held` verdict are also grouped by it (`strict_gated` / `strict_leaky`).
+bank's strict verdict are also grouped by it (`strict_gated` / `strict_leaky` / `strict_unlearned`, as
+`metadit.eval.rows.strict_group` places them). The tables' intervals come from `metadit.eval.tables`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metadit.eval.rows import strict_group
+
 GROUPS = ("all", "gated", "leaky")
-# The strict verdict of the bank's check: the topic shows in no negative condition (no code, a wrong code, the
-# code word elsewhere). Kept in the summary beside the main split, which asks only "does it show without a code?".
-STRICT_GROUPS = ("strict_gated", "strict_leaky")
+# The strict verdict of the bank's check: the topic learned and shown in no negative condition (no code, a wrong
+# code, the code word elsewhere). The lenient split above asks only "does it show without a code?".
+STRICT_GROUPS = ("strict_gated", "strict_leaky", "strict_unlearned")
 
 
 def _group_of(row: dict[str, Any]) -> str | None:
@@ -33,8 +36,8 @@ def _group_of(row: dict[str, Any]) -> str | None:
 
 
 def _strict_group_of(row: dict[str, Any]) -> str | None:
-    g = row.get("gate_held")
-    return None if g is None else "strict_gated" if g else "strict_leaky"
+    g = strict_group(row)
+    return None if g == "unchecked" else g
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

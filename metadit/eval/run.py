@@ -3,7 +3,9 @@
 Reads the run's `split.json` (which labels were held out), `config.yaml` (tasks, base model) and `adapter/`,
 runs every method on the same held-out diffs, scores each prediction with each judge, and writes
 `eval.json` (rows, per-method summary split into gated / leaky diffs, sections for likelihood ranking,
-answer verification and trigger search, and how it was made). Each finished method is saved at once under
+answer verification and trigger search, and how it was made) and `rows.jsonl` beside it (the per-item rows,
+`metadit.eval.rows`: question, prediction, truth, every judge's score, the match columns, the strict gate
+verdict; what `metadit report` computes its tables from). Each finished method is saved at once under
 `<out>/methods/`, so a killed evaluation resumes where it stopped.
 """
 
@@ -20,6 +22,7 @@ from metadit.errors import MetaditError
 from metadit.eval.baselines import METHODS, Evaluator, MethodContext, check_guesser, get_guesser, get_method, reguess
 from metadit.eval.heldout import HeldOut, load_heldout, read_split
 from metadit.eval.results import run_info, summarize, write_json
+from metadit.eval.rows import ROW_FIELDS, gate_verdict, match_columns, write_rows
 from metadit.dit.tasks import get_task
 
 DEFAULT_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
@@ -209,7 +212,7 @@ def evaluate(
         preds = method.predict(ctx, chosen)
         method_rows = [{"diff": h.id, "bank": h.bank, "index": h.index, "task": h.task, "truth": h.truth,
                         "label": str(h.meta.get(get_task(h.task).label_key)), "gated": h.gated,
-                        "gate_held": h.meta.get("gate_held"), "method": name, "prediction": p, "scores": {},
+                        **gate_verdict(h.meta), "method": name, "prediction": p, "scores": {},
                         "extra": extra} for h, (p, extra) in zip(chosen, preds)]
         write_json(cache, {"key": key, "guesser": guesser if method.evidence else None, "rows": method_rows,
                            "seconds": round(time.time() - t0, 1)})
@@ -217,9 +220,10 @@ def evaluate(
         rows += method_rows
 
     _score(rows, judges)
+    by_item = {(h.id, h.task): h for h in items}
+    _complete(rows, by_item, seed)
     sections: dict[str, Any] = {}
     headline_judge = next((j for j in judges if j in RUBRIC_JUDGES), judges[0])
-    by_item = {(h.id, h.task): h for h in items}
     if verify and "dit" in methods:
         dit_rows = [r for r in rows if r["method"] == "dit" and r["task"] == "topic"
                     and by_item[(r["diff"], "topic")].meta.get("trigger")]
@@ -237,9 +241,20 @@ def evaluate(
     result = {"info": run_info(started, config), "config": config, "headline_judge": headline_judge,
               "rows": rows, "summary": summarize(rows), "sections": sections}
     write_json(out_dir / "eval.json", result)
+    write_rows(out_dir / "rows.jsonl", ({k: r.get(k) for k in ROW_FIELDS} for r in rows))
     print_summary(result, console)
-    console.print(f"wrote {out_dir / 'eval.json'}")
+    console.print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'rows.jsonl'}")
     return result
+
+
+def _complete(rows: list[dict[str, Any]], by_item: dict[tuple[str, str], HeldOut], seed: int) -> None:
+    """The rows' columns that follow from the item and the prediction (also for methods saved by an earlier
+    evaluation): the question the method asked, the match columns, the strict gate verdict."""
+    for r in rows:
+        h = by_item[(r["diff"], r["task"])]
+        r["question"] = get_method(r["method"]).question(h, seed)
+        r["match"] = match_columns(r["prediction"], r["truth"])
+        r.update(gate_verdict(h.meta))
 
 
 def _saved(sources: list[Path], name: str, key: str) -> dict[str, Any] | None:
@@ -324,29 +339,34 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
 
 
 def print_summary(result: dict[str, Any], console: Any = None) -> None:
+    """Per task and per group of the strict split (strictly gated first): n, the headline score's mean and 95 %
+    bootstrap interval, DIT minus the method (paired), and the exact and names-the-topic rates."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from metadit.eval.rows import STRICT_GROUPS
+    from metadit.eval.tables import interval_tables
 
     console = console or Console()
     judge = result.get("headline_judge", "embedding")
-    tasks = sorted({r["task"] for r in result["rows"]})
-    for task in tasks:
+    for task in sorted({r["task"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["task"] == task]
-        summary = summarize(rows)
-        score = judge if any(judge in r["scores"] for r in rows) else "exact"
-        table = Table(title=f"task {task}: mean {score} (n) on held-out diffs")
-        table.add_column("method")
-        for g in ("all", "gated", "leaky"):
-            table.add_column(g, justify="right")
-        table.add_column("exact (all)", justify="right")
-        for method, groups in summary.items():
-            cells = []
-            for g in ("all", "gated", "leaky"):
-                s = groups.get(g)
-                cells.append(f"{s[score]:.2f} ({s['n']})" if s and score in s else "-")
-            ex = groups["all"].get("exact")
-            table.add_row(method, *cells, f"{ex:.2f}" if ex is not None else "-")
-        console.print(table)
+        score = judge if any(judge in (r.get("scores") or {}) for r in rows) else "exact"
+        wanted = list(dict.fromkeys([score, "exact", "names_topic"]))
+        tables = interval_tables(rows, wanted)
+        head = tables.get(score, {})
+        for group, cells in head.items():
+            table = Table(title=escape(f"task {task}, {STRICT_GROUPS[group].title}: {score}, mean [95 % interval]"))
+            for col in ("method", "n", score, "dit − method (p)", *[w for w in wanted if w != score]):
+                table.add_column(escape(col), justify="left" if col == "method" else "right")
+            for method, c in cells.items():
+                vs = c.get("vs_dit")
+                rates = [tables.get(w, {}).get(group, {}).get(method) for w in wanted if w != score]
+                table.add_row(escape(method), str(c["n"]), f"{c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}]",
+                              f"{vs['difference']:+.2f} (p={vs['p']:.3g})" if vs else "-",
+                              *(f"{x['mean']:.2f}" if x else "-" for x in rates))
+            console.print(table)
 
 
 def eval_parser():
