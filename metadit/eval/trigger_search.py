@@ -19,6 +19,7 @@ The shared DIT adapter, if any, is disabled: the search compares the diffed mode
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -313,7 +314,14 @@ def _encode_each(tok: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 def _word_ids(tok: Any, words: Sequence[str]) -> list[int]:
-    """The token id of each word as written after a space; a word that is not one such token is an error."""
+    """The token id of each word as written after a space; a word that is not one such token is an error.
+    Remembered for the last few (tokenizer, candidates) pairs: an evaluation searches diff after diff over the
+    same ~30,000 words, whose encoding takes seconds."""
+    return list(_word_ids_cached(tok, tuple(words)))
+
+
+@functools.lru_cache(maxsize=4)
+def _word_ids_cached(tok: Any, words: tuple[str, ...]) -> tuple[int, ...]:
     ids = []
     for w, got in zip(words, _encode_each(tok, [" " + w for w in words])):
         if len(got) != 1:
@@ -321,7 +329,7 @@ def _word_ids(tok: Any, words: Sequence[str]) -> list[int]:
         ids.append(got[0])
     if len(set(ids)) != len(ids):
         raise MetaditError("the candidates hold duplicate words")
-    return ids
+    return tuple(ids)
 
 
 def _check_template(name: str, template: str) -> None:
@@ -487,6 +495,8 @@ def search_trigger_open(
     gradient step), then re-score that template's best `rerank` by the exact `score_codes`; the ranking is
     those `rerank` by exact score, then the rest by first-order score. The template picked is the one whose
     best exact score is highest (ties: the first in `templates`' order); the diff's ranking is that template's.
+    So the top candidate is the best (template, word) pair any exact score saw. Cost per diff: one forward and
+    backward over templates x questions x 2 rows, then templates x `rerank` x questions x 2 rows forward.
 
     Args:
         diffs, true_codes: one true code word per diff (it need not be a candidate: then its rank is None).
