@@ -89,6 +89,8 @@ def evaluate(
     verify: bool = True,
     trigger_search: bool = False,
     trigger_search_diffs: int = 25,
+    trigger_search_vocab: str = "pool",
+    trigger_search_rerank: int = 256,
     out: str | None = None,
     reuse: str | None = None,
     seed: int = 0,
@@ -120,6 +122,12 @@ def evaluate(
         trigger_search: rank every candidate code per diff (white-box trigger inversion).
         trigger_search_diffs: search the codes of at most this many held-out diffs (it costs one forward per
             candidate code x question x diff: ~10 s per diff for the 134-word pool on SmolLM2 here).
+        trigger_search_vocab: `pool` (closed set: the bank's recorded code words, the SEP template known) or
+            `open` (every word token of the tokenizer under 4 fixed templates, the search picks one: a gradient
+            step ranks all, the best `trigger_search_rerank` per template are scored exactly; see
+            `metadit.eval.trigger_search.search_trigger_open`). Per-diff rows: `<out>/trigger_search_<vocab>.jsonl`.
+        trigger_search_rerank: `open` only: candidates per template re-scored exactly (the number of word tokens,
+            e.g. 100000: no gradient step, every candidate exactly scored).
         out: output directory (default: RUN/eval).
         reuse: another evaluation's output directory: methods and sections it saved with the same settings are
             copied instead of recomputed; guesser-based methods saved with another guesser are re-guessed from
@@ -163,11 +171,16 @@ def evaluate(
         raise MetaditError("give --out DIR (or --run, whose eval/ directory is the default)")
     if reuse and not (Path(reuse) / "methods").is_dir():
         raise MetaditError(f"--reuse {reuse}: not an evaluation's output directory (it has no methods/)")
+    if trigger_search_vocab not in ("pool", "open"):
+        raise MetaditError(f"--trigger_search_vocab must be pool or open, got {trigger_search_vocab!r}")
+    if trigger_search_rerank < 1:
+        raise MetaditError(f"--trigger_search_rerank must be >= 1, got {trigger_search_rerank}")
 
     config = {"run": run, "adapter": adapter, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
-              "trigger_search_diffs": trigger_search_diffs, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse}
+              "trigger_search_diffs": trigger_search_diffs, "trigger_search_vocab": trigger_search_vocab,
+              "trigger_search_rerank": trigger_search_rerank, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse}
     if split == "unseen":
         used = {lab for k in ("train", "val", "test") for lab in sp.get(k, [])}
         items = load_heldout(banks, None, tasks, limit=limit, seed=seed, exclude=used)
@@ -186,7 +199,8 @@ def evaluate(
     saved = out_dir / "methods"
     # The guesser is not part of the key: a guesser-based method's evidence does not depend on it (re-guessed below).
     key = _fingerprint({k: v for k, v in config.items() if k not in (
-        "methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "train_labels", "guesser", "reuse")})
+        "methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "trigger_search_vocab",
+        "trigger_search_rerank", "train_labels", "guesser", "reuse")})
     sources = [saved] + ([Path(reuse) / "methods"] if reuse else [])
     rows: list[dict[str, Any]] = []
     for name in methods:
@@ -237,7 +251,7 @@ def evaluate(
             sections["verification"] = _verification_section(dit_rows, headline_judge)
     if trigger_search:
         sections["trigger_search"] = _trigger_search(ev, items, rows, sources, key, fresh, seed,
-                                                   trigger_search_diffs)
+                                                   trigger_search_diffs, trigger_search_vocab, trigger_search_rerank)
     result = {"info": run_info(started, config), "config": config, "headline_judge": headline_judge,
               "rows": rows, "summary": summarize(rows), "sections": sections}
     write_json(out_dir / "eval.json", result)
@@ -292,10 +306,12 @@ def _verification_section(dit_rows: list[dict[str, Any]], judge: str) -> dict[st
 
 
 def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], sources: list[Path], key: str,
-                    fresh: bool, seed: int, max_diffs: int) -> dict[str, Any]:
-    """Rank every candidate code per diff by how far it moves the diffed model from the base model."""
+                    fresh: bool, seed: int, max_diffs: int, vocab: str = "pool", rerank: int = 256) -> dict[str, Any]:
+    """Rank every candidate code per diff by how far it moves the diffed model from the base model: over the
+    bank's code-word pool (`pool`) or over every word token under 4 templates (`open`). Either way the per-diff
+    rows go to `<out>/trigger_search_<vocab>.jsonl`, from which `summarize_search` recomputes the table."""
     from metadit.eval.baselines import eval_questions
-    from metadit.eval.trigger_search import search_trigger
+    from metadit.eval.trigger_search import search_trigger, summarize_search, write_search_rows
     from metadit.nn import adapter_disabled
 
     seen: dict[str, HeldOut] = {}
@@ -305,8 +321,12 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
     targets = list(seen.values())[:max_diffs]
     if not targets:
         return {"n": 0, "note": "no held-out diff has a SEP code"}
-    dit_guess = {r["diff"]: r["prediction"] for r in rows if r["method"] == "dit" and r["task"] == "trigger"}
     kinds = {h.meta.get("code_kind", "word") for h in targets}
+    if vocab == "open":
+        if kinds != {"word"}:
+            return {"n": 0, "vocab": "open", "note": "the open-vocabulary search needs word codes (digit codes: use pool)"}
+        return _open_trigger_search(ev, targets, sources, key, fresh, seed, rerank)
+    dit_guess = {r["diff"]: r["prediction"] for r in rows if r["method"] == "dit" and r["task"] == "trigger"}
     if kinds != {"word"}:
         pool = [f"{i:03d}" for i in range(1000)]
     else:
@@ -317,13 +337,16 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
                                  for w in recorded_code_words(DiffBank.open(b).header.get("info") or {})))
 
     def compute():
+        t0 = time.time()
         with adapter_disabled(ev.model):
             res = search_trigger(ev.model, ev.tok, [h.diff for h in targets],
                                  [str(h.meta["code"])[:3] if h.meta.get("code_kind") == "digits" else h.meta["code"]
                                   for h in targets],
                                  pool, eval_questions(targets[0], 2, seed),
                                  seed_guesses=[dit_guess.get(h.id) for h in targets] if dit_guess else None)
-        return [{k: v for k, v in r.items() if k != "ranking"} | {"diff": h.id, "ranking": r.get("ranking", [])[:10]}
+        per = round((time.time() - t0) / len(targets), 3)  # one batched search over every diff: its mean cost
+        return [{k: v for k, v in r.items() if k != "ranking"} | {"diff": h.id, "ranking": r.get("ranking", [])[:10],
+                                                                  "seconds": per}
                 for h, r in zip(targets, res)]
 
     per_diff = _cached(sources, "trigger_search.json", f"{key}:{max_diffs}", fresh, compute)
@@ -331,11 +354,45 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
 
     dit_exact = [exact_match(dit_guess[d["diff"]], seen[d["diff"]].meta["code"]) for d in per_diff
                  if d["diff"] in dit_guess]
-    return {"n": len(per_diff), "pool": len(pool), "recovered_top1": _mean([float(d["recovered"]) for d in per_diff]),
+    rows_file = write_search_rows(sources[0].parent / "trigger_search_pool.jsonl", per_diff, seen, "pool")
+    return {"vocab": "pool", "n": len(per_diff), "pool": len(pool),
+            "recovered_top1": _mean([float(d["recovered"]) for d in per_diff]),
             "recovered_top5": _mean([float(d["in_top"]) for d in per_diff]),
+            "recovered_top10": summarize_search(per_diff)["top10"],
             "mean_true_rank": _mean([float(d["true_rank"]) for d in per_diff]),
-            "dit_exact": _mean([float(x) for x in dit_exact]), "per_diff": per_diff,
+            "seconds_per_diff": summarize_search(per_diff)["seconds_per_diff"],
+            "dit_exact": _mean([float(x) for x in dit_exact]), "rows_file": str(rows_file), "per_diff": per_diff,
             "paper": "trigger inversion by DIT: 0/100 (Goel et al. 2025)"}
+
+
+def _open_trigger_search(ev: Evaluator, targets: list[HeldOut], sources: list[Path], key: str, fresh: bool, seed: int,
+                         rerank: int) -> dict[str, Any]:
+    from metadit.eval.baselines import eval_questions
+    from metadit.eval.trigger_search import open_search_section, search_trigger_open, word_tokens, write_search_rows
+    from metadit.nn import adapter_disabled
+
+    from rich.console import Console
+
+    words = word_tokens(ev.tok)
+    questions = eval_questions(targets[0], 2, seed)
+    # Saved after every diff (minutes each on a CPU): a killed evaluation resumes at the next one.
+    name, cache_key = "trigger_search_open.json", f"{key}:{rerank}"
+    saved = None if fresh else _saved(sources, name, cache_key)
+    done = {d["diff"]: d for d in (saved["value"] if saved else [])}
+    for i, h in enumerate(targets):
+        if h.id not in done:
+            with adapter_disabled(ev.model):
+                (r,) = search_trigger_open(ev.model, ev.tok, [h.diff], [h.meta["code"]], questions, candidates=words,
+                                           rerank=rerank, top=min(10, rerank))
+            done[h.id] = r | {"diff": h.id}
+            write_json(sources[0] / name, {"key": cache_key, "value": list(done.values())})
+            Console(stderr=True).print(f"trigger search (open) {i + 1}/{len(targets)}: {h.id} code {r['true_code']!r} "
+                                       f"rank {r['true_rank']} (template {r['template']}), {r['seconds']:.0f} s")
+    write_json(sources[0] / name, {"key": cache_key, "value": list(done.values())})
+    per_diff = [done[h.id] for h in targets]
+    seen = {h.id: h for h in targets}
+    rows_file = write_search_rows(sources[0].parent / "trigger_search_open.jsonl", per_diff, seen, "open")
+    return open_search_section(per_diff, seen, len(words), rerank) | {"rows_file": str(rows_file)}
 
 
 def print_summary(result: dict[str, Any], console: Any = None) -> None:
