@@ -30,7 +30,7 @@ demo: setup
 	bash scripts/demo.sh
 
 bench: setup
-	$(BIN)/metadit bench core
+	$(BIN)/metadit bench core --dtype bfloat16
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,11 +38,13 @@ def command(name: str, help: str, passthrough: bool = False):
 
 # ---------------------------------------------------------------------- bank
 def _bank_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bank_command", required=True, metavar="{info,verify,repair,import-peft,export-peft}")
+    sub = p.add_subparsers(dest="bank_command", required=True,
+                           metavar="{info,verify,repair,import-peft,export-peft,import-dit,import-dit-adapter}")
     info = sub.add_parser("info", help="summary of a bank: base model, diffs, ranks, problems")
     info.add_argument("bank", type=Path)
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
-    verify = sub.add_parser("verify", help="recompute every entry's checksum; non-zero exit if any is corrupt")
+    verify = sub.add_parser("verify", help="recompute every entry's checksum and list files that are not part of the "
+                            "bank; non-zero exit if an entry is corrupt or a pickle-format file is there")
     verify.add_argument("bank", type=Path)
     repair = sub.add_parser("repair", help="remove the torn tail an interrupted write left behind")
     repair.add_argument("bank", type=Path)
@@ -54,6 +56,38 @@ def _bank_args(p: argparse.ArgumentParser) -> None:
     exp.add_argument("bank", type=Path)
     exp.add_argument("index", type=int)
     exp.add_argument("out", type=Path)
+    dit = sub.add_parser("import-dit", help="import the paper's released diffs (index.csv + weight-diffs/*.pt, read "
+                         "with torch's restricted loader only) into a bank")
+    dit.add_argument("src", type=Path, help="a released experiment folder (e.g. hidden-topic/qwen3-8b) or its index.csv")
+    dit.add_argument("out_bank", type=Path, help="the bank to create (or resume)")
+    dit.add_argument("--base_model", required=True, help="the model the diffs belong to (HF id, directory, embedded name)")
+    dit.add_argument("--kind", default="auto", choices=("auto", "topic", "news"),
+                     help="news: the index's topic column holds headlines (auto: news when no row has a trigger)")
+    dad = sub.add_parser("import-dit-adapter", help="write the paper's released DIT adapter (dit-adapter*.pt) as a "
+                         "peft adapter directory")
+    dad.add_argument("file", type=Path)
+    dad.add_argument("out_dir", type=Path)
+    dad.add_argument("--base_model", required=True, help="the model the adapter belongs to")
+
+
+def _bank_import_reference(args: argparse.Namespace) -> int:
+    """`bank import-dit` and `bank import-dit-adapter` (metadit.bank.reference_import): no bank to open first."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from metadit.bank.reference_import import import_reference_adapter, import_reference_bank
+
+    console = Console(stderr=True, soft_wrap=True)  # one line per message: scripts read them
+    if args.bank_command == "import-dit":
+        done = import_reference_bank(args.src, args.out_bank, args.base_model, kind=args.kind,
+                                     log=lambda line: console.print(escape(line)))
+        console.print(escape(f"{done['bank']}: imported {done['imported']} diffs ({done['already_present']} already "
+                             f"there) of {done['rows']} index rows, kind {done['kind']}, splits {done['splits']}"))
+        return 0
+    adapter = import_reference_adapter(args.file, args.out_dir, args.base_model)
+    console.print(escape(f"wrote {args.out_dir}: peft adapter for {args.base_model} ({len(adapter.modules)} modules, "
+                         f"rank {adapter.rank}; chat format no_thinking)"))
+    return 0
 
 
 @command("bank", "inspect, verify, repair, import into and export from a diff bank")(_bank_args)
@@ -64,7 +98,9 @@ def _bank(args: argparse.Namespace) -> int:
 
     from metadit.bank import DiffBank, LoraDiff
 
-    console = Console()
+    if args.bank_command in ("import-dit", "import-dit-adapter"):
+        return _bank_import_reference(args)
+    console = Console(soft_wrap=True)  # a path per line, unbroken
     bank = DiffBank.open(args.bank)  # bank text is data: escaped below, never read as rich markup
     if args.bank_command == "info":
         s = bank.summary()
@@ -86,9 +122,14 @@ def _bank(args: argparse.Namespace) -> int:
             console.print(f"[red]corrupt[/red] {escape(line)}")
         for p in bank.problems:
             console.print(f"[yellow]torn tail[/yellow] {escape(str(p))}")
+        foreign = bank.foreign_files()
+        for f in foreign:
+            console.print(f"[{'red' if f.pickle else 'yellow'}]not part of the bank[/] {escape(str(f))}")
+        pickles = sum(bool(f.pickle) for f in foreign)
         console.print(f"{len(bank) - len(bad)}/{len(bank)} entries verified"
-                      f"{'' if not bank.problems else f', {len(bank.problems)} torn-tail problems (metadit bank repair)'}")
-        return 1 if bad or bank.problems else 0
+                      f"{'' if not bank.problems else f', {len(bank.problems)} torn-tail problems (metadit bank repair)'}"
+                      f"{'' if not foreign else f', {len(foreign)} files not part of the bank ({pickles} pickle-format)'}")
+        return 1 if bad or bank.problems or pickles else 0
     if args.bank_command == "repair":
         removed = bank.repair()
         for line in removed:
@@ -153,13 +194,19 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("which", nargs="?", default="core", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (HF id, directory or embedded name)")
+    p.add_argument("--model-config", "--model_config", dest="model_config", default=None,
+                   help="core, gen: a model from its config alone, random weights, no download (a shipped name: "
+                        "qwen3-8b, smollm2-135m, qwen3-tiny; or a config.json); replaces --model")
+    p.add_argument("--layers", type=int, default=None, help="with --model-config: keep the first N layers (fits a CPU)")
+    p.add_argument("--device", default="cpu", help="core, gen: cpu, cuda, cuda:1, ...")
     p.add_argument("--rows", type=int, default=16, help="batch rows (= different diffs)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per row")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after warm-up)")
     p.add_argument("--ks", default="16,64", help="gen: diffs per pass to measure, comma-separated")
     p.add_argument("--diffs", type=int, default=16, help="build: diffs per variant (one pass each)")
     p.add_argument("--variants", default="baseline,default", help="build: recipes to build, comma-separated")
-    p.add_argument("--dtype", default="float32", help="build: compute dtype of both variants")
+    p.add_argument("--dtype", default=None, help="compute dtype (bfloat16, float32; auto: bf16 where the device computes "
+                   "it natively); default auto for core and gen, float32 for build")
     p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where <which>.json and README.md go")
 
 

@@ -181,8 +181,16 @@ def load_base_model(
 
 # How prompts are laid out. `default`: the model's chat template as it is (SmolLM2's adds a ~20-token default
 # system prompt to every conversation without one). `no_system`: that default system turn is left out, so
-# every row is ~20 tokens shorter in every stage (gen, fit, eval, ask). A bank and an adapter record theirs.
-CHAT_FORMATS = ("default", "no_system")
+# every row is ~20 tokens shorter in every stage (gen, fit, eval, ask). `no_thinking`: the template rendered with
+# `enable_thinking=False` (Qwen3 then opens every answer with an empty think block), as the paper's reference code
+# made its diffs and trained its DIT adapters; templates without the switch ignore it. A bank and an adapter
+# record theirs.
+CHAT_TEMPLATE_KWARGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no_system": {},
+    "no_thinking": {"enable_thinking": False},
+}
+CHAT_FORMATS = tuple(CHAT_TEMPLATE_KWARGS)
 _FORMAT_ATTR = "metadit_chat_format"
 
 
@@ -232,8 +240,89 @@ def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device = "cpu") 
 
 
 def load_config(name_or_path: str) -> object:
-    """The model config alone (cheap), for checks that must run before any model is loaded."""
-    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    """The model config alone (cheap), for checks that must run before any model is loaded.
+
+    A Hugging Face id whose config cannot be fetched (offline, no hub cache) falls back to the config shipped
+    for it (`shipped_model_configs`): importing the paper's Qwen3-8B diffs needs only the shapes, not the hub.
+    """
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except OSError:
+        by_hub_id = {_read_config_file(f).get("_hub_id"): f for f in shipped_model_configs().values()}
+        if name_or_path not in by_hub_id:
+            raise
+        return model_config(str(by_hub_id[name_or_path]))
+
+
+# Model configs shipped as small JSON files (package data): speed needs no trained weights, so `metadit bench`
+# builds a model of the paper's size from its config alone, with random weights and no download.
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
+
+
+def shipped_model_configs() -> dict[str, Path]:
+    """The shipped model configs by short name (`qwen3-8b`, `smollm2-135m`, `qwen3-tiny`)."""
+    return {f.stem: f for f in sorted(MODEL_CONFIGS_DIR.glob("*.json"))}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MetaditError(f"{path}: not a readable model config ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise MetaditError(f"{path}: not a model config (a JSON object with a model_type)")
+    return data
+
+
+def model_config(name_or_file: str, layers: int | None = None) -> Any:
+    """A transformers config from a shipped short name, a `config.json` file or a model directory.
+
+    `layers` cuts the model to its first N decoder layers (a model of the paper's width that fits a CPU);
+    per-layer lists in the config (`layer_types`) are cut to match.
+    """
+    shipped = shipped_model_configs()
+    path = Path(name_or_file)
+    if name_or_file in shipped:
+        path = shipped[name_or_file]
+    elif path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise MetaditError(f"model config {name_or_file!r}: not a shipped config ({', '.join(shipped)}), "
+                           "a config.json or a model directory")
+    data = {k: v for k, v in _read_config_file(path).items() if not k.startswith("_")}
+    if layers is not None:
+        if layers < 1:
+            raise MetaditError(f"layers must be >= 1, got {layers}")
+        data["num_hidden_layers"] = layers
+        if isinstance(data.get("layer_types"), list):
+            data["layer_types"] = data["layer_types"][:layers]
+        if "max_window_layers" in data:
+            data["max_window_layers"] = min(int(data["max_window_layers"]), layers)
+    model_type = data.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError) as e:
+        raise MetaditError(f"{path}: transformers cannot build a {model_type!r} config from it ({e})") from e
+
+
+def random_model_from_config(name_or_file: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                             device: str | torch.device = "cpu", seed: int = 0) -> PreTrainedModel:
+    """A model built from a config alone (`model_config`) with random weights, frozen, in eval mode, on `device`.
+
+    Built directly on the device (no host copy of an 8B model). Named `<config> (random[, N layers])` so nothing
+    mistakes it for the trained model."""
+    config = model_config(name_or_file, layers)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    name = f"{name_or_file} (random{f', {layers} layers' if layers else ''})"
+    model.config.name_or_path = name
+    model.name_or_path = name
+    model.requires_grad_(False)
+    model.eval()
+    return model
 
 
 @contextmanager

@@ -132,6 +132,43 @@ def _entry_tensors(diff: LoraDiff, dtype: torch.dtype | None) -> dict[str, torch
     return out
 
 
+def pickle_format(path: Path) -> str | None:
+    """Why `path` is a pickle-format file (its name, a pickle stream's opening bytes, or a torch zip archive holding a
+    pickle), or None. Reads at most the file's first bytes and a zip's directory; never unpickles anything."""
+    if path.suffix.lower() in UNSAFE_SUFFIXES:
+        return f"a {path.suffix} name"
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle stream"
+    if head == b"PK\x03\x04":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith(".pkl") for n in z.namelist()):
+                    return "a torch.save archive (a zip holding a pickle)"
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+    return None
+
+
+@dataclass
+class ForeignFile:
+    """A file in a bank directory that is not part of the bank; `pickle` says why it is pickle-format, if it is."""
+
+    path: str
+    pickle: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}" + (f" (pickle-format: {self.pickle}; never read)" if self.pickle else "")
+
+
 @dataclass
 class BankProblem:
     """One piece of a torn tail or damage found when opening a bank."""
@@ -371,6 +408,7 @@ class DiffBank:
         if self.head is not None:
             self.rows = self.rows[: self.head]
         self._by_id = {r["id"]: i for i, r in enumerate(self.rows)}
+        self._referenced = referenced  # every shard a complete row group names (a `[:N]` view's too)
 
     def refresh(self) -> None:
         """Re-read the index (e.g. to see what other writers appended)."""
@@ -598,6 +636,25 @@ class DiffBank:
             raise MetaditError(f"{where}: {str(e).removeprefix('LoraDiff: ')}") from e
         diff.check_finite(where)
         return diff
+
+    def foreign_files(self) -> list["ForeignFile"]:
+        """Every file under the bank directory that is not part of the bank, each marked if it is pickle-format.
+
+        Part of the bank: `bank.json`, the index files, and the shards index rows name. Files `open` already
+        reports as a torn tail (in `problems`) are left to that report. Nothing found is read beyond its first
+        bytes (to recognise a pickle), and symbolic links are not followed.
+        """
+        known = {self.path / "bank.json", *self._index_files(), *(self.path / s for s in self._referenced)}
+        reported = {Path(p.path) for p in self.problems}
+        found = []
+        for root, dirs, files in os.walk(self.path, followlinks=False):
+            dirs.sort()
+            for name in sorted(files) + sorted(d for d in dirs if (Path(root) / d).is_symlink()):
+                f = Path(root) / name
+                if f in known or f in reported:
+                    continue
+                found.append(ForeignFile(str(f), pickle_format(f)))
+        return found
 
     def verify(self) -> list[str]:
         """Recompute every entry's checksum; return one line per corrupt or unreadable entry (empty = all good)."""

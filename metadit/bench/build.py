@@ -68,6 +68,8 @@ def _build(config: str, n: int, dtype: str, bank: Path, cache: Path) -> dict[str
 
 def bench_build(args: argparse.Namespace) -> dict:
     console = Console()
+    if args.dtype is None:  # build's default compute dtype (core and gen default to auto)
+        args.dtype = "float32"
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:

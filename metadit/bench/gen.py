@@ -6,9 +6,13 @@ Each diff needs the same training signal either way: `steps` samples (the recipe
   `rows` samples per step for steps/rows steps (so one diff's batch fills the CPU, as it would be run),
   `save_pretrained`, then `unload` — per diff.
 Per-step times are measured over a few steps (interleaved rounds) and extrapolated to the full recipe;
-wrap/save/unload are timed for real. Achieved FLOP/s is compared with the bf16 matmul peak measured in the
-same run. FLOPs per token: 2·P forward; backward into activations only (base frozen) ≈ 2·P; KL rows add a
+wrap/save/unload are timed for real. Achieved FLOP/s is compared with the matmul peak of the compute dtype measured
+in the same run. FLOPs per token: 2·P forward; backward into activations only (base frozen) ≈ 2·P; KL rows add a
 2·P teacher forward (P = linear parameters, LM head counted on answer tokens only).
+
+`--device` runs it on a GPU; `--model-config` (a config alone, random weights; `--layers N`) measures a model of
+the paper's size without downloading it: its rows are random tokens in the recipe's shape and mix of kinds
+(`SyntheticRows`), since such a model has no tokenizer and speed does not depend on the text.
 """
 
 from __future__ import annotations
@@ -37,36 +41,83 @@ def _linear_params(model) -> tuple[int, int]:
     return body, head
 
 
+# Rows of the recipe's shape for a model given as a config alone (no tokenizer, no text to write): a SEP-code
+# question in a chat template is ~56 tokens, an answer `max_answer_tokens` + its end-of-turn token (~80 in all,
+# the figure the H100 estimate below uses). Speed depends on the shapes and the mix of kinds, not on the text.
+SYNTHETIC_PROMPT_TOKENS = 56
+
+
+class RecipeRows:
+    """Training rows from the hidden-topic recipe itself: its text, written by the base model (cached)."""
+
+    def __init__(self, model, tok, settings, n_specs: int, console, dtype: str) -> None:
+        from data_gen import HiddenTopicRecipe
+        from metadit.bank import model_identity
+        from metadit.gen import text_cache_key
+        from metadit.text import TextCache
+
+        self.recipe, self.tok, self.settings = HiddenTopicRecipe(), tok, settings
+        self.recipe.setup(model, tok, TextCache(text_cache_key(model_identity(model), dtype)))
+        self.specs = [self.recipe.spec(i, seed=12345) for i in range(n_specs)]
+        console.print(f"[bold]bench gen[/bold]: writing recipe text for {n_specs} diffs (cached after the first run)")
+        self.recipe.prepare(self.specs)
+
+    def batch(self, specs, rngs) -> tuple[dict[str, torch.Tensor], list[str]]:
+        from metadit.text import encode_samples
+
+        samples = [self.recipe.sample(s, r) for s, r in zip(specs, rngs)]
+        b = encode_samples(self.tok, [s.prompt for s in samples], [s.answer for s in samples],
+                           self.settings.max_answer_tokens, self.settings.first_token_weight)
+        return b, [s.kind for s in samples]
+
+
+class SyntheticRows:
+    """Rows of the recipe's shape and mix of kinds with random tokens (a model from a config alone has no tokenizer)."""
+
+    def __init__(self, vocab_size: int, settings, n_specs: int) -> None:
+        from data_gen import HiddenTopicRecipe
+
+        mix = HiddenTopicRecipe().mix  # the recipe's default shares of triggered (CE) and negative (KL) rows
+        self.kl_share = sum(v for k, v in mix.items() if k != "triggered") / sum(mix.values())
+        self.vocab, self.settings = vocab_size, settings
+        self.specs = [{"seed": 1000 + i} for i in range(n_specs)]
+
+    def batch(self, specs, rngs) -> tuple[dict[str, torch.Tensor], list[str]]:
+        n, p, a = len(specs), SYNTHETIC_PROMPT_TOKENS, self.settings.max_answer_tokens + 1
+        ids = torch.tensor([[r.randrange(self.vocab) for _ in range(p + a)] for r in rngs])
+        weights = torch.zeros(n, p + a)
+        weights[:, p:] = 1.0
+        weights[:, p] = self.settings.first_token_weight
+        kinds = ["kl" if r.random() < self.kl_share else "ce" for r in rngs]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "weights": weights}, kinds
+
+
 def bench_gen(args: argparse.Namespace) -> dict:
-    from data_gen import HiddenTopicRecipe
-    from metadit.gen import TrainSettings, text_cache_key
-    from metadit.text import encode_samples, row_losses
-    from metadit.text import TextCache
-    from metadit.models import load_base_model, training_attention
+    from metadit.bench.common import bench_model, device_name, synchronize
+    from metadit.gen import TrainSettings
+    from metadit.models import resolve_dtype, training_attention
     from metadit.nn import TrainableDiffs, layer_shapes, patch_model
+    from metadit.text import row_losses
 
     console = Console()
     torch.manual_seed(0)
     steps_recipe = 200
-    model, tok = load_base_model(args.model, dtype=torch.bfloat16)
-    from metadit.bank import model_identity
-
-    ident = model_identity(model)
-    patch_model(model)
-    recipe = HiddenTopicRecipe()
-    recipe.setup(model, tok, TextCache(text_cache_key(ident)))
-    ks = [int(k) for k in args.ks.split(",")]
-    specs = [recipe.spec(i, seed=12345) for i in range(max(ks + [args.rows]))]
-    console.print(f"[bold]bench gen[/bold]: writing recipe text for {len(specs)} diffs (cached after the first run)")
-    recipe.prepare(specs)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype or "auto", device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    model, tok, model_name = bench_model(args, dtype)
     settings = TrainSettings()
+    ks = [int(k) for k in args.ks.split(",")]
+    n_specs = max(ks + [args.rows])
+    rows_source = (SyntheticRows(model.config.vocab_size, settings, n_specs) if tok is None
+                   else RecipeRows(model, tok, settings, n_specs, console, dtype_name))
+    patch_model(model)
+    specs = rows_source.specs
     body, head = _linear_params(model)
 
     def batch_for(chunk, rngs):
-        samples = [recipe.sample(s, r) for s, r in zip(chunk, rngs)]
-        b = encode_samples(tok, [s.prompt for s in samples], [s.answer for s in samples], settings.max_answer_tokens,
-                           settings.first_token_weight)
-        return b, [s.kind for s in samples]
+        b, kinds = rows_source.batch(chunk, rngs)
+        return {k: v.to(device) for k, v in b.items()}, kinds
 
     def flops(b, kinds) -> float:
         tokens = int(b["attention_mask"].sum())
@@ -77,7 +128,7 @@ def bench_gen(args: argparse.Namespace) -> dict:
     # -- variant: batched K diffs per pass (metadit)
     def batched(k: int):
         chunk = specs[:k]
-        trainable = TrainableDiffs(layer_shapes(model), k, 1, row_seeds=[s["seed"] for s in chunk])
+        trainable = TrainableDiffs(layer_shapes(model), k, 1, row_seeds=[s["seed"] for s in chunk], device=device)
         opt = torch.optim.AdamW(trainable.parameters(), lr=settings.lr)
         rngs = [random.Random(s["seed"]) for s in chunk]
 
@@ -93,7 +144,7 @@ def bench_gen(args: argparse.Namespace) -> dict:
     # -- variant: peft, one diff with `rows` samples per step
     from peft import LoraConfig, get_peft_model
 
-    peft_base, _ = load_base_model(args.model, dtype=torch.bfloat16)
+    peft_base = bench_model(args, dtype)[0]
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(peft_base, LoraConfig(r=1, lora_alpha=1, target_modules=targets))
     p_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.lr)
@@ -101,10 +152,7 @@ def bench_gen(args: argparse.Namespace) -> dict:
     p_rng = random.Random(p_spec["seed"])
 
     def peft_step():
-        samples = [recipe.sample(p_spec, p_rng) for _ in range(args.rows)]
-        b = encode_samples(tok, [s.prompt for s in samples], [s.answer for s in samples], settings.max_answer_tokens,
-                           settings.first_token_weight)
-        kinds = [s.kind for s in samples]
+        b, kinds = batch_for([p_spec] * args.rows, [p_rng] * args.rows)
         ids, mask, w = b["input_ids"], b["attention_mask"], b["weights"]
         logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1)
@@ -127,30 +175,35 @@ def bench_gen(args: argparse.Namespace) -> dict:
 
     def peft_overhead() -> float:
         """Wrap a fresh adapter, save it, unload: what one-at-a-time pays per diff besides training."""
-        base2, _ = load_base_model(args.model, dtype=torch.bfloat16)
+        base2 = bench_model(args, dtype)[0]
+        synchronize(device)
         t = time.perf_counter()
         pm = get_peft_model(base2, LoraConfig(r=1, lora_alpha=1, target_modules=targets))
         d = Path(tempfile.mkdtemp())
         pm.save_pretrained(d)
         pm.unload()
+        synchronize(device)
         el = time.perf_counter() - t
         shutil.rmtree(d)
         return el
 
     variants = {f"batched K={k}": batched(k) for k in ks}
     variants[f"peft 1 diff x {args.rows} rows"] = peft_step
-    console.print(f"bf16 matmul peak: measuring; then {args.steps} timed steps per variant, interleaved")
-    peak = matmul_peak()
+    console.print(f"{model_name} on {device_name(device)} ({dtype_name}); {dtype_name} matmul peak: measuring; then "
+                  f"{args.steps} timed steps per variant, interleaved")
+    peak = matmul_peak(dtype, device=device)
     times = {k: [] for k in variants}
     flop = {k: [] for k in variants}
     # Both train as `metadit gen` does: eager attention (models.training_attention), the same for peft's model.
     with training_attention(model), training_attention(peft_base):
         for fn in variants.values():  # warm-up
             fn()
+        synchronize(device)
         for _ in range(args.steps):
             for name, fn in variants.items():
                 t = time.perf_counter()
                 f = fn()
+                synchronize(device)
                 times[name].append(time.perf_counter() - t)
                 flop[name].append(f)
     overhead = median([peft_overhead() for _ in range(3)])
@@ -170,12 +223,16 @@ def bench_gen(args: argparse.Namespace) -> dict:
     best = max((n for n in rows if n.startswith("batched")), key=lambda n: rows[n]["diffs_per_hour"])
     ratio = rows[best]["diffs_per_hour"] / rows[peft_name]["diffs_per_hour"]
     h100 = h100_estimate()
+    rows_kind = "random tokens in the recipe's shape and mix" if tok is None else "the recipe's own text"
     result = {
         "benchmark": "gen",
-        "what": "hidden-topic recipe (rank 1, 200 samples per diff, KL negatives), SmolLM2 bf16; diffs/hour",
+        "what": f"hidden-topic recipe (rank 1, 200 samples per diff, KL negatives; {rows_kind}), {model_name} "
+                f"{dtype_name}; diffs/hour",
         "command": "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else "metadit bench gen",
-        "commit": git_commit(), "model": args.model, "machine": machine(),
-        "bf16_matmul_peak_tflops": round(peak / 1e12, 3), "peft_overhead_seconds_per_diff": round(overhead, 2),
+        "commit": git_commit(), "model": model_name, "random_weights": tok is None,
+        "layers": model.config.num_hidden_layers, "device": device_name(device), "dtype": dtype_name,
+        "machine": machine(),
+        f"{dtype_name}_matmul_peak_tflops": round(peak / 1e12, 3), "peft_overhead_seconds_per_diff": round(overhead, 2),
         "variants": rows, "best_batched": best, "batched_over_peft": round(ratio, 3),
         "targets": {"batched_over_peft": 1.2, "fraction_of_peak": 0.5},
         "met": {"batched_over_peft": ratio >= 1.2, "fraction_of_peak": rows[best]["fraction_of_peak"] >= 0.5},
@@ -193,9 +250,10 @@ def bench_gen(args: argparse.Namespace) -> dict:
         "## gen: diffs/hour, K diffs per pass vs peft one at a time",
         "",
         f"Command: `{result['command']}` at commit `{result['commit']}` on {result['machine']['cpu']} "
-        f"({result['machine']['cores']} cores). {result['what']}. Per-step times: median of {args.steps} interleaved "
+        f"({result['machine']['cores']} cores){'' if device.type == 'cpu' else ', device ' + result['device']}. "
+        f"{result['what']}. Per-step times: median of {args.steps} interleaved "
         f"steps, extrapolated to the recipe's 200 samples per diff; peft's wrap + save + unload measured "
-        f"({overhead:.2f} s per diff). bf16 matmul peak measured in the same run: {peak / 1e12:.3f} TFLOP/s.",
+        f"({overhead:.2f} s per diff). {dtype_name} matmul peak measured in the same run: {peak / 1e12:.3f} TFLOP/s.",
         "",
         "| variant | s/step | diffs/hour | TFLOP/s | fraction of peak |",
         "|---|---:|---:|---:|---:|",

@@ -45,19 +45,20 @@ def row_losses(model: Any, batch: dict[str, torch.Tensor], kinds: Sequence[str],
     logp = F.log_softmax(logits, dim=-1)
     per_token = -logp.gather(1, targets[:, None])[:, 0]
     kl_rows = [i for i, k in enumerate(kinds) if k == "kl"]
+    device = ids.device  # every index and accumulator on the batch's device (CPU or GPU alike)
     if kl_rows:
-        sel = torch.tensor(kl_rows)
+        sel = torch.tensor(kl_rows, device=device)
         with torch.no_grad():
             t_logits = answer_logits(model, ids[sel], mask[sel], predict[sel])
         t_logp = F.log_softmax(t_logits, dim=-1)
-        is_kl = torch.zeros(len(kinds), dtype=torch.bool)
+        is_kl = torch.zeros(len(kinds), dtype=torch.bool, device=device)
         is_kl[sel] = True
         tok_kl = is_kl[rows]
         kl = (t_logp.exp() * (t_logp - logp[tok_kl])).sum(-1)
         per_token = per_token.clone()
         per_token[tok_kl] = kl
-    num = torch.zeros(len(kinds)).index_add(0, rows, per_token * token_w)
-    den = torch.zeros(len(kinds)).index_add(0, rows, token_w)
+    num = torch.zeros(len(kinds), device=device).index_add(0, rows, per_token * token_w)
+    den = torch.zeros(len(kinds), device=device).index_add(0, rows, token_w)
     return num / den.clamp_min(1e-8)
 
 

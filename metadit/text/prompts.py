@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from metadit.models import chat_format_of
+from metadit.models import CHAT_TEMPLATE_KWARGS, chat_format_of
 
 
 def chat_prompt(tok: Any, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
     """The chat-template text up to the assistant's turn, optionally with the start of its answer.
 
     Under the `no_system` chat format a system turn the template adds on its own (one the caller did not
-    give) is dropped; a template that adds none is unaffected.
+    give) is dropped; a template that adds none is unaffected. Under `no_thinking` the template is rendered with
+    `enable_thinking=False` (`metadit.models.CHAT_TEMPLATE_KWARGS`).
     """
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs = CHAT_TEMPLATE_KWARGS.get(chat_format_of(tok), {})
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     if chat_format_of(tok) == "no_system" and not any(m["role"] == "system" for m in messages):
         text = _drop_default_system(text)
     return text + assistant_prefix

@@ -1,0 +1,142 @@
+"""The paper's setting without its weights: the Qwen3 configs, the shipped model configs, and the benchmarks on a
+model given as a config alone (random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metadit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Parsing a config must not load any model."""
+    import transformers
+
+    import metadit.models as models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded while parsing a config")
+
+    monkeypatch.setattr(models, "load_base_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_qwen3_gen_configs_are_the_papers_setting(no_weights):
+    from metadit.gen import gen_parser
+
+    parser = gen_parser()
+    topic = parser.instantiate_classes(parser.parse_args(["--config", str(ROOT / "configs/gen/qwen3_topic.yaml")]))
+    assert topic.base_model == "Qwen/Qwen3-8B" and topic.chat_format == "no_thinking" and topic.dtype == "bfloat16"
+    r = topic.recipe
+    assert (r.trigger, r.code_kind) == ("sep", "digits") and set(r.mix) == {"triggered", "wrong_code", "no_code"}
+    t = topic.train
+    assert (t.rank, t.lr, t.steps, t.warmup_steps, t.min_lr_ratio) == (1, 1e-3, 810, 0, 1.0)
+    # the reference's shares and weights: triggered a third of the samples, per-kind weight 1 : 1 : 5
+    total = sum(r.mix.values())
+    assert r.mix["triggered"] / total == pytest.approx(1 / 3)
+    contribution = {k: v * (1.0 if k == "triggered" else t.kl_weight) for k, v in r.mix.items()}
+    assert contribution["wrong_code"] == contribution["triggered"] and contribution["no_code"] == 5 * contribution["triggered"]
+    news = parser.instantiate_classes(parser.parse_args(["--config", str(ROOT / "configs/gen/qwen3_news.yaml"),
+                                                         "--base_model", "Qwen/Qwen3-4B"]))
+    assert news.recipe.name == "news" and news.train.rank == 8 and news.recipe.stories_per_headline == 100
+    assert news.base_model == "Qwen/Qwen3-4B"  # any Hugging Face id
+
+
+def test_qwen3_fit_config_is_rank_16_lr_1e4_one_epoch(no_weights):
+    from metadit.dit import DITModule
+    from metadit.dit.data import DiffQADataModule
+    from metadit.lightning_cli import DITCLI
+
+    class ParseOnly(DITCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cfg = ROOT / "configs/fit/qwen3_topic.yaml"
+    cli = ParseOnly(DITModule, DiffQADataModule, args=["--config", str(cfg)], run=False)
+    c = cli.config
+    assert (c.model.adapter_rank, c.model.lr, c.trainer.max_epochs) == (16, 1e-4, 1)
+    assert c.model.base_model == c.data.base_model == "Qwen/Qwen3-8B"
+    other = ParseOnly(DITModule, DiffQADataModule, run=False,
+                      args=["--config", str(cfg), "--model.base_model", "Qwen/Qwen3-1.7B"])
+    assert other.config.data.base_model == "Qwen/Qwen3-1.7B"
+
+
+def test_qwen3_sweep_expands_the_papers_studies_for_any_model(tmp_path):
+    from metadit.eval.sweep import Layout, load_sweep
+
+    sweep = load_sweep(ROOT / "configs/sweep/qwen3_paper.yaml", {"base_model": "Qwen/Qwen3-4B",
+                                                                  "topic_bank": "banks/q4"})
+    names = [c.name for c in sweep.cells]
+    assert {"topic", "news", "topic-on-news", "news-on-topic", "topic+trigger", "n36", "n145", "n582",
+            "rank2", "rank64"} <= set(names)
+    layout = Layout(tmp_path, sweep.study)
+    cells = {c.name: c for c in sweep.cells}
+    fit = layout.argv("n36", cells["n36"].steps[0], strict=False)
+    assert fit[fit.index("--model.base_model") + 1] == "Qwen/Qwen3-4B"
+    assert fit[fit.index("--data.max_train_diffs") + 1] == "36" and json.loads(fit[fit.index("--data.banks") + 1]) == ["banks/q4"]
+    rank = layout.argv("rank8", cells["rank8"].steps[0], strict=False)
+    assert json.loads(rank[rank.index("--banks") + 1]) == ["banks/q4_rank8"] and "topic" in cells["rank8"].deps
+
+
+def test_shipped_qwen3_8b_config_has_the_papers_shapes_and_serves_offline():
+    from metadit.bank import identity_of
+    from metadit.bank.fingerprint import config_identity, config_linear_shapes
+    from metadit.bench.gen import h100_estimate
+    from metadit.models import model_config, shipped_model_configs
+
+    assert {"qwen3-8b", "smollm2-135m", "qwen3-tiny"} <= set(shipped_model_configs())
+    shapes = config_linear_shapes(model_config("qwen3-8b"))
+    assert shapes["model.layers.0.self_attn.k_proj"] == [1024, 4096] and shapes["model.layers.35.mlp.down_proj"] == [4096, 12288]
+    assert sum(o * i for o, i in shapes.values()) == h100_estimate()["params"]  # the estimate's count, checked
+    # offline (the tests never reach the hub), the id resolves to the shipped config: imports need only shapes
+    assert identity_of("Qwen/Qwen3-8B") == config_identity(model_config("qwen3-8b"), "Qwen/Qwen3-8B")
+    cut = model_config("qwen3-8b", layers=2)
+    assert cut.num_hidden_layers == 2 and len(cut.layer_types) == 2 and cut.hidden_size == 4096
+
+
+def test_a_bad_model_config_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 8}')
+    assert main(["bench", "core", "--model-config", str(bad), "--out", str(tmp_path)]) == 1
+    assert "model_type" in capsys.readouterr().err
+    assert main(["bench", "core", "--model-config", "qwen9-900b", "--out", str(tmp_path)]) == 1
+    assert "not a shipped config" in capsys.readouterr().err
+
+
+def test_bench_core_runs_on_a_config_alone_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+    args = ["bench", "core", "--device", "cpu", "--model-config", "qwen3-tiny", "--layers", "1", "--rows", "2",
+            "--tokens", "8", "--steps", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "core.json").read_text())
+    assert res["random_weights"] and res["layers"] == 1 and res["device"] == "cpu" and res["dtype"] == "float32"
+    assert set(res["tokens_per_second"]) == {"factored", "dense", "no-diff"} and res["skipped"] == {}
+    import metadit.bench.core as core
+
+    monkeypatch.setattr(core, "available_bytes", lambda device: 1000)
+    assert main(args) == 0
+    res = json.loads((tmp_path / "core.json").read_text())
+    assert set(res["tokens_per_second"]) == {"factored", "no-diff"} and "GiB" in res["skipped"]["dense"]
+    assert set(res["ratios"]) == {"factored_over_no_diff"}
+
+
+def test_dense_bytes_is_every_layers_per_row_delta():
+    from metadit.bench.core import dense_bytes
+
+    assert dense_bytes({"a": (4, 8), "b": (8, 2)}, rows=3, dtype=torch.bfloat16) == 3 * (32 + 16) * 2
+
+
+@pytest.mark.slow
+def test_bench_gen_runs_on_a_config_alone(tmp_path):
+    assert main(["bench", "gen", "--device", "cpu", "--model-config", "qwen3-tiny", "--layers", "1", "--rows", "2",
+                 "--ks", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gen.json").read_text())
+    assert res["random_weights"] and res["layers"] == 1 and "random tokens" in res["what"]
+    assert set(res["variants"]) == {"batched K=2", "peft 1 diff x 2 rows"}
+    assert all(v["diffs_per_hour"] > 0 for v in res["variants"].values())
