@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from metadit.errors import MetaditError
 from metadit.eval.crosscoder import (
     Crosscoder, TrainSettings, analyse, batch_top_k, classify, relative_norm_difference, train_crosscoder,
 )
+from metadit.eval.crosscoder import evidence
 from metadit.eval.crosscoder.activations import collect_paired_activations, first_kept_position
 from metadit.eval.crosscoder.model import BASE, FINETUNED
 from metadit.nn import patch_model
@@ -377,3 +379,43 @@ def test_bad_input_is_one_line_error(tiny_topic_bank, tmp_path, capsys, extra, m
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("metadit diff: error: ") and message in err and "\n" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------- the eval method
+def test_crosscoder_method_in_metadit_eval_is_the_guessers_reading_of_its_evidence(tiny_topic_bank, tmp_path,
+                                                                                    monkeypatch):
+    from metadit.bank import DiffBank
+    from metadit.eval import baselines
+    from metadit.eval.crosscoder import CrosscoderSettings
+    from metadit.eval.run import evaluate
+
+    monkeypatch.setenv("METADIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evidence, "EVAL_SETTINGS", CrosscoderSettings(
+        dict_size=32, k=4, n_questions=6, samples_per_question=1, max_new_tokens=8, crosscoders=("batchtopk",),
+        train=TrainSettings(train_tokens=1024, batch_size=128)))
+    bank = DiffBank.open(tiny_topic_bank)
+    topics = [bank.meta(i)["topic"] for i in range(len(bank))]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"banks": [str(tiny_topic_bank)], "train": topics[:6], "test": topics[6:]}))
+    kw = dict(split_file=str(split), methods=["crosscoder"], judges=["exact"], guesser="keywords", verify=False)
+    result = evaluate(out=str(tmp_path / "e"), **kw)
+    rows = [r for r in result["rows"] if r["method"] == "crosscoder"]
+    assert sorted(r["label"] for r in rows) == sorted(topics[6:])
+    for r in rows:
+        assert r["extra"]["evidence_text"].startswith("Tokens promoted:")
+        assert r["extra"]["counts"]["latents"] == 32 and r["extra"]["corpus_tokens"] > 0
+        assert (tmp_path / "cache" / "crosscoder") in Path(r["extra"]["dir"]).parents
+    guessed = baselines.KeywordGuesser().guess([r["extra"]["evidence_text"] for r in rows], "topic")
+    assert [r["prediction"] for r in rows] == guessed
+    # a second evaluation reads each diff's crosscoder back from its work directory
+    again = evaluate(out=str(tmp_path / "e2"), **kw)
+    assert [r["extra"]["evidence_text"] for r in again["rows"]] == [r["extra"]["evidence_text"] for r in rows]
+
+
+def test_evidence_text_lists_tokens_then_contexts():
+    latents = [{"tokens": ["apple", " apple", "pie"], "contexts": [{"text": "I like [[apple]] pie"}]},
+               {"tokens": ["orchard"], "contexts": [{"text": "the [[orchard]] was"}, {"text": "an [[orchard]]"}]}]
+    assert evidence.evidence_text(latents) == ("Tokens promoted: apple, pie, orchard\n"
+                                               "Text where they fire: I like [[apple]] pie / the [[orchard]] was / "
+                                               "an [[orchard]]")
+    assert "no latent is specific" in evidence.evidence_text([])

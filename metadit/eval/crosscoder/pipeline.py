@@ -259,6 +259,8 @@ def _plots(out_dir: Path, per: dict[str, dict[str, Any]], all_rows: dict[str, li
         for v in (thresholds.base_only, thresholds.shared_low, thresholds.shared_high, thresholds.finetune_only):
             ax.axvline(v, color="k", linestyle="--", alpha=0.3)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.8)  # a bar of one latent stays visible on the log scale
+        ax.set_xlim(0, 1)
         ax.set_xlabel("relative decoder norm difference Δ_norm (1 = finetuned only)")
         ax.set_ylabel("latents")
         ax.set_title(f"{name}: {len(live)} live latents")
