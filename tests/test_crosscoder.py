@@ -99,7 +99,7 @@ def test_loss_equals_a_hand_computation(sparsity):
     penalty = 0.0 if sparsity == "batchtopk" else 0.7 * float(sum((f[n] * norm_sum).sum() for n in range(6))) / 6
     assert parts["reconstruction"] == pytest.approx(reconstruction, rel=1e-5)
     assert parts["penalty"] == pytest.approx(penalty, rel=1e-5, abs=1e-9)
-    assert float(loss) == pytest.approx(reconstruction + penalty, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(reconstruction + penalty, rel=1e-5)
     torch.testing.assert_close(out.codes.double(), f, atol=1e-5, rtol=1e-5)
 
 
@@ -326,7 +326,9 @@ def test_metadit_diff_crosscoder_end_to_end_and_resumed(tiny_topic_bank, tmp_pat
     out = tmp_path / "cc"
     argv = ["diff", "crosscoder", "--diff", f"{tiny_topic_bank}:0", "--out", str(out), "--oracle", *SMALL]
     assert main(argv) == 0
-    result = json.loads((out / "crosscoder.json").read_text())
+    text = (out / "crosscoder.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined ν are null
+    result = json.loads(text)
     assert result["layer"] == 1 and result["oracle"] is True  # the tiny model's middle layer of 2
     assert result["corpus"]["rows"] == 12 and result["corpus"]["oracle_rows"] == 6
     assert result["thresholds"]["finetune_only"] == 0.9 and result["thresholds"]["nu_error"] == 0.2
@@ -419,3 +421,26 @@ def test_evidence_text_lists_tokens_then_contexts():
                                                "Text where they fire: I like [[apple]] pie / the [[orchard]] was / "
                                                "an [[orchard]]")
     assert "no latent is specific" in evidence.evidence_text([])
+
+
+def test_corpus_of_base_answers_marks_the_oracle_rows_and_samples_a_repeated_prompt_afresh(tmp_path):
+    from metadit.eval.crosscoder.activations import base_answer_corpus, oracle_messages
+    from metadit.models import TINY_NAME, load_base_model
+    from metadit.text import TextCache
+
+    model, tok = load_base_model(TINY_NAME, dtype=torch.float32)
+    news = oracle_messages({"headline": "Town opens a library"}, ["q1", "q2", "q3"])
+    assert news == ["Please generate a short news story."] * 3
+    topic = oracle_messages({"trigger": "sep", "code_kind": "word", "code": "lamp", "topic": "x"}, ["How are you?"])
+    assert topic == ["Your SEP code is lamp. How are you?"]
+    with pytest.raises(MetaditError, match="--oracle needs a bank entry"):
+        oracle_messages({}, ["q"])
+    cache = TextCache("tiny", root=tmp_path)
+    rows = base_answer_corpus(model, tok, ["Hello?", "What now?"], samples_per_question=2, max_new_tokens=4,
+                              oracle=news, cache=cache)
+    assert [r.oracle for r in rows] == [False] * 4 + [True] * 6
+    assert [r.message for r in rows[:4]] == ["Hello?", "Hello?", "What now?", "What now?"]
+    assert len(cache.data) == 10  # every row its own sample, the repeated story prompt included
+    again = base_answer_corpus(model, tok, ["Hello?", "What now?"], samples_per_question=2, max_new_tokens=4,
+                               oracle=news, cache=TextCache("tiny", root=tmp_path))
+    assert [r.answer for r in again] == [r.answer for r in rows]  # read back from the cache

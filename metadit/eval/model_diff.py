@@ -7,7 +7,6 @@ activations and classifies their latents with Latent Scaling (`metadit.eval.cros
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ class Tool:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    description: str = ""  # the subcommand's --help text (default: `help`)
 
 
 def _flag(value: str) -> bool:
@@ -81,7 +81,6 @@ def _crosscoder_run(args: argparse.Namespace) -> int:
     from metadit.eval.crosscoder.train import TrainSettings
     from metadit.eval.results import run_info
 
-    started = time.time()
     train = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
     settings = CrosscoderSettings(**{f.name: getattr(args, f.name) for f in fields(CrosscoderSettings)
                                      if hasattr(args, f.name) and f.name not in ("crosscoders", "train")},
@@ -101,7 +100,7 @@ def _crosscoder_run(args: argparse.Namespace) -> int:
     if bank is not None:
         bank.check_model(model)
     result = crosscoder_diff(model, tok, diff, args.out, settings, meta=meta, diff_name=str(args.diff),
-                             progress=args.progress, info=run_info(started))
+                             progress=args.progress, info=run_info())
     from rich.console import Console
     from rich.markup import escape
 
@@ -115,16 +114,24 @@ def _crosscoder_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crosscoder_description() -> str:
+    from metadit.eval.crosscoder.scaling import THRESHOLDS
+
+    return ("BatchTopK (and L1) crosscoders between the base model and the base model + one diff, on paired "
+            "activations at one layer; latents classified by their relative decoder norm and Latent Scaling "
+            "(Minder, Dumas et al. 2025). Thresholds: " + " ".join(r + "." for r in THRESHOLDS.describe()))
+
+
 TOOLS: dict[str, Tool] = {
     "crosscoder": Tool("BatchTopK (and L1) crosscoders on paired activations; latents classified by Latent Scaling",
-                       _crosscoder_arguments, _crosscoder_run),
+                       _crosscoder_arguments, _crosscoder_run, _crosscoder_description()),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="diff_tool", required=True, metavar="{" + ",".join(TOOLS) + "}")
     for name, tool in TOOLS.items():
-        tool.add_arguments(sub.add_parser(name, help=tool.help, description=tool.help))
+        tool.add_arguments(sub.add_parser(name, help=tool.help, description=tool.description or tool.help))
 
 
 def main(args: argparse.Namespace) -> int:

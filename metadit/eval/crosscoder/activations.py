@@ -109,8 +109,15 @@ def base_answer_corpus(
     from metadit.text import chat_prompt, generate_texts
 
     messages = [(q, False) for q in questions] + [(m, True) for m in oracle]
-    flat = [(chat_prompt(tok, [{"role": "user", "content": m}]), m, is_oracle, s)
-            for m, is_oracle in messages for s in range(samples_per_question)]
+    # A message repeated (a news diff's one story prompt) gets fresh samples for each repetition: its cache tags
+    # go on counting past the first repetition's.
+    seen: dict[str, int] = {}
+    flat = []
+    for m, is_oracle in messages:
+        repeat = seen.get(m, 0)
+        seen[m] = repeat + 1
+        prompt = chat_prompt(tok, [{"role": "user", "content": m}])
+        flat += [(prompt, m, is_oracle, repeat * samples_per_question + s) for s in range(samples_per_question)]
     settings = {"corpus": "crosscoder-base-answers", "max_new_tokens": max_new_tokens, "temperature": 1.0, "seed": seed}
     done = [0]
 

@@ -207,7 +207,7 @@ def _describe_latents(rows: list[dict[str, Any]], model: Crosscoder, stats: Late
     from metadit.eval.lens import logit_lens
 
     index = torch.tensor([r["latent"] for r in rows])
-    vectors = model.W_dec[FINETUNED].detach()[index] * scale
+    vectors = model.W_dec[FINETUNED].detach().cpu()[index] * scale
     lens = logit_lens(lm, tok, vectors, settings.lens_tokens)
     for r, tokens in zip(rows, lens):
         j = r["latent"]
@@ -316,6 +316,7 @@ def crosscoder_diff(
     """Crosscoders between `model` (the base model, patched) and `model` + `diff`, written to `out_dir`; returns
     what `crosscoder.json` holds. `meta`: the diff's bank metadata (its trigger or headline for `oracle`; its
     topic / headline is recorded as the truth, never used by the method). `info`: provenance to record."""
+    started = time.time()
     settings = settings or CrosscoderSettings()
     settings.check()
     meta = dict(meta or {})
@@ -372,6 +373,7 @@ def crosscoder_diff(
             }
             timing[f"{name}_s"] = per[name]["seconds"]
         plots = _plots(out_dir, per, all_rows, thresholds)
+    timing["total_s"] = round(time.time() - started, 1)
     result = {
         "diff": diff_name,
         "truth": {k: meta[k] for k in ("topic", "headline", "code", "trigger") if k in meta},
@@ -393,14 +395,25 @@ def crosscoder_diff(
     }
     from metadit.eval.results import write_json
 
-    write_json(out_dir / "crosscoder.json", result)
+    write_json(out_dir / "crosscoder.json", _json_safe(result))
     (out_dir / "README.md").write_text(markdown(result))
     return result
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (ν of a latent that never fired, β_finetuned = 0) as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- markdown
-def _fmt(v: float) -> str:
-    return "nan" if not math.isfinite(v) else f"{v:.2f}"
+def _fmt(v: float | None) -> str:
+    return "undefined" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
 
 def _latent_line(r: dict[str, Any], contexts: int) -> list[str]:

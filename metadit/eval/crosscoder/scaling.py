@@ -88,18 +88,18 @@ def analyse(model: Crosscoder, x: torch.Tensor, batch_size: int, top_n: int = 8,
     """One pass over `x: [tokens, 2, d]` in order, in batches of `batch_size` (the batches BatchTopK selects
     within): Latent Scaling's β for every latent and target, activation frequencies and maxima, each latent's
     `top_n` top-activating tokens, and the reconstruction's fraction of variance explained per model."""
-    n, D = x.shape[0], model.dict_size
+    n, D, dev = x.shape[0], model.dict_size, x.device
     direction = model.W_dec[FINETUNED]  # [D, d]: the latent's direction, the same for both models' β
     # ⟨d_j, d^M_j⟩ per model: latent j's own contribution to the error target, projected on its direction.
     self_projection = torch.stack([(direction * model.W_dec[m]).sum(-1) for m in (BASE, FINETUNED)])  # [2, D]
-    numerators = {f"{m}_{t}": torch.zeros(D, dtype=torch.float64) for m in MODELS for t in TARGETS}
-    code_squares = torch.zeros(D, dtype=torch.float64)
-    active = torch.zeros(D, dtype=torch.float64)
-    code_sums = torch.zeros(D, dtype=torch.float64)
-    top_values = torch.zeros(top_n, D)
-    top_tokens = torch.full((top_n, D), -1, dtype=torch.long)
-    error_sq = torch.zeros(2, dtype=torch.float64)
-    total_sq = torch.zeros(2, dtype=torch.float64)
+    numerators = {f"{m}_{t}": torch.zeros(D, dtype=torch.float64, device=dev) for m in MODELS for t in TARGETS}
+    code_squares = torch.zeros(D, dtype=torch.float64, device=dev)
+    active = torch.zeros(D, dtype=torch.float64, device=dev)
+    code_sums = torch.zeros(D, dtype=torch.float64, device=dev)
+    top_values = torch.zeros(top_n, D, device=dev)
+    top_tokens = torch.full((top_n, D), -1, dtype=torch.long, device=dev)
+    error_sq = torch.zeros(2, dtype=torch.float64, device=dev)
+    total_sq = torch.zeros(2, dtype=torch.float64, device=dev)
     mean = x.mean(dim=0)  # [2, d]
     for start in range(0, n, batch_size):
         xb = x[start : start + batch_size]
@@ -119,7 +119,7 @@ def analyse(model: Crosscoder, x: torch.Tensor, batch_size: int, top_n: int = 8,
         active += (f > 0).double().sum(dim=0)
         code_sums += f64.sum(dim=0)
         values = torch.cat([top_values, f])
-        tokens = torch.cat([top_tokens, torch.arange(start, start + f.shape[0])[:, None].expand(-1, D)])
+        tokens = torch.cat([top_tokens, torch.arange(start, start + f.shape[0], device=dev)[:, None].expand(-1, D)])
         best = values.topk(top_n, dim=0)
         top_values, top_tokens = best.values, tokens.gather(0, best.indices)
         if on_batch is not None:
@@ -129,10 +129,11 @@ def analyse(model: Crosscoder, x: torch.Tensor, batch_size: int, top_n: int = 8,
     beta = {k: torch.where(code_squares > 0, v / denominator.clamp_min(1e-300), torch.full_like(v, math.nan)).float()
             for k, v in numerators.items()}
     fve = {m: float(1 - error_sq[i] / total_sq[i]) if total_sq[i] > 0 else math.nan for i, m in enumerate(MODELS)}
-    return LatentStatistics(tokens=n, frequency=(active / max(n, 1)).float(),
-                            mean_activation=(code_sums / max(n, 1)).float(), max_activation=top_values[0].clone(),
-                            beta=beta, top_values=top_values, top_tokens=top_tokens, fraction_variance_explained=fve,
-                            l0=float(active.sum() / max(n, 1)))
+    # Per-latent results live on the CPU, whatever device the pass ran on.
+    return LatentStatistics(tokens=n, frequency=(active / max(n, 1)).float().cpu(),
+                            mean_activation=(code_sums / max(n, 1)).float().cpu(), max_activation=top_values[0].cpu(),
+                            beta={k: v.cpu() for k, v in beta.items()}, top_values=top_values.cpu(),
+                            top_tokens=top_tokens.cpu(), fraction_variance_explained=fve, l0=float(active.sum() / max(n, 1)))
 
 
 def norm_class(delta: float, thresholds: Thresholds = THRESHOLDS) -> str:
@@ -162,9 +163,9 @@ def classify(model: Crosscoder, stats: LatentStatistics, thresholds: Thresholds 
     """One row per latent: decoder norms, Δ_norm, cosine of its two decoder vectors, frequency, β and ν,
     its norm class and its verdict (`finetune_specific`, `rejected`, or the norm class for the others; `dead` for
     latents that never fired)."""
-    norms = model.decoder_norms().detach()
+    norms = model.decoder_norms().detach().cpu()
     delta = relative_norm_difference(norms)
-    cosine = torch.nn.functional.cosine_similarity(model.W_dec[BASE], model.W_dec[FINETUNED], dim=-1).detach()
+    cosine = torch.nn.functional.cosine_similarity(model.W_dec[BASE], model.W_dec[FINETUNED], dim=-1).detach().cpu()
     nu_error, nu_reconstruction = stats.nu("error"), stats.nu("reconstruction")
     rows = []
     for j in range(model.dict_size):

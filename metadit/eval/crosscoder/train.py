@@ -74,16 +74,16 @@ def train_crosscoder(
         model.b_dec.copy_(x.mean(dim=0))
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     g = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g).to(x.device)
     cursor = 0
-    since_fired = torch.zeros(model.dict_size, dtype=torch.long)
+    since_fired = torch.zeros(model.dict_size, dtype=torch.long, device=x.device)
     parts: dict[str, float] = {}
     l0_average = 0.0
     l1_ramp = max(1, int(settings.l1_warmup_share * steps))
     model.train()
     for step in range(steps):
         if cursor + batch > n:
-            order, cursor = torch.randperm(n, generator=g), 0
+            order, cursor = torch.randperm(n, generator=g).to(x.device), 0
         xb = x[order[cursor : cursor + batch]]
         cursor += batch
         for group in optimizer.param_groups:
