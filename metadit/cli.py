@@ -261,6 +261,8 @@ def _study_command(name: str, help: str, module: str) -> None:
 
 _study_command("sweep", "run a study's cells resumably: metadit sweep --config configs/sweep/FILE.yaml", "metadit.eval.sweep")
 _study_command("report", "tables, plots and results.json for a study: metadit report --study NAME", "metadit.eval.report")
+_study_command("diff", "model diffing, base model vs base + one diff: metadit diff crosscoder --diff BANK:I --out DIR",
+               "metadit.eval.model_diff")
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help='e.g. "What topic have you been trained on?"')
     p.add_argument("--adapter", help="a DIT adapter directory (peft) or a shipped adapter's short name "
@@ -274,25 +276,13 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
 def _ask(args: argparse.Namespace) -> int:
     import torch
 
-    from metadit.bank import DiffBank, LoraDiff
+    from metadit.bank import LoraDiff, open_diff
     from metadit.text import chat_prompt, generate_texts
     from metadit.models import load_base_model, require_chat_format
     from metadit.nn import patch_model, set_adapter
 
-    bank = None
-    if ":" in args.diff and not Path(args.diff).exists():
-        bank_dir, _, index = args.diff.rpartition(":")
-        try:
-            i = int(index)
-        except ValueError as e:
-            raise MetaditError(f"--diff {args.diff}: expected BANK_DIR:INDEX with an integer index") from e
-        bank = DiffBank.open(bank_dir)
-        diff, meta = bank[i]
-        base = args.base_model or bank.base_model["name"]
-    else:
-        diff = LoraDiff.from_peft(args.diff)
-        meta = {}
-        base = args.base_model or diff.info.get("base_model")
+    diff, meta, bank = open_diff(args.diff)
+    base = args.base_model or (bank.base_model["name"] if bank is not None else diff.info.get("base_model"))
     adapter = None
     if args.adapter is not None:
         from metadit.models import resolve_adapter

@@ -712,3 +712,23 @@ class DiffBank:
             "problems": [str(p) for p in self.problems],
             "info": self.header.get("info", {}),
         }
+
+
+def open_diff(spec: str | Path) -> tuple[LoraDiff, dict[str, Any], DiffBank | None]:
+    """A diff named on a command line: `BANK_DIR:INDEX` (a bank entry: the diff, its metadata and the bank) or
+    a peft LoRA adapter directory (the diff, no metadata, no bank). Anything else is one clear error."""
+    text = str(spec)
+    if ":" in text and not Path(text).exists():
+        bank_dir, _, index = text.rpartition(":")
+        try:
+            i = int(index)
+        except ValueError as e:
+            raise MetaditError(f"{text}: expected BANK_DIR:INDEX with an integer index, or a peft adapter directory") from e
+        bank = DiffBank.open(bank_dir)
+        if not 0 <= i < len(bank):
+            raise MetaditError(f"{text}: the bank holds {len(bank)} diffs (indices 0..{len(bank) - 1})")
+        diff, meta = bank[i]
+        return diff, meta, bank
+    if not Path(text).is_dir():
+        raise MetaditError(f"{text}: no such peft adapter directory (or give BANK_DIR:INDEX)")
+    return LoraDiff.from_peft(text), {}, None

@@ -13,6 +13,8 @@ Every method maps held-out diffs to one predicted label each (plus details), bat
 - `random_label`: a random training label (what a score means when nothing is read).
 - `likelihood`: the held-out label whose answer the diff makes most likely (see `likelihood.py`).
 - `activation_lens`: the Activation Difference Lens (Minder et al. 2025) read by the guesser (`lens.py`).
+- `crosscoder`: a BatchTopK crosscoder per diff; its finetune-specific latents (Latent Scaling, Minder, Dumas et
+  al. 2025) read by the guesser (`crosscoder/evidence.py`). Minutes per diff: not in the default methods.
 
 The guesser is the base model prompted to guess (offline), the phrase the evidence repeats (`keywords`, offline
 and model-free), or any OpenAI-compatible LLM when configured (`GUESSERS`).
@@ -352,6 +354,16 @@ def _activation_lens(ctx: MethodContext, items: list[HeldOut]) -> list[Predictio
     return [(g, {k: v for k, v in e.items() if k != "vector"}) for g, e in zip(guesses, ev)]
 
 
+def _crosscoder(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
+    from metadit.eval.crosscoder.evidence import crosscoder_evidence
+
+    with adapter_disabled(ctx.ev.model):  # the crosscoder compares the diffed model with the base model, no adapter
+        ev = crosscoder_evidence(ctx.ev.model, ctx.ev.tok, [h.diff for h in items], [h.id for h in items])
+    task = items[0].task if items else "topic"
+    guesses = ctx.guesser.guess([e["evidence_text"] for e in ev], guess_kind(task))
+    return list(zip(guesses, ev))
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dit", lambda c, i: _ask(c, i, adapter=True), "diff + DIT adapter, the task's held-out question",
            needs_adapter=True, asks=_task_question),
@@ -373,6 +385,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            tasks=("topic", "headline"), needs_adapter=True, asks=_task_question),
     Method("activation_lens", _activation_lens, "activation difference lens + steering, read by the guesser",
            tasks=("topic", "headline"), evidence="evidence_text"),
+    Method("crosscoder", _crosscoder, "BatchTopK crosscoder: finetune-specific latents' tokens and contexts, read by "
+           "the guesser", tasks=("topic", "headline"), evidence="evidence_text"),
 ]}
 
 

@@ -76,7 +76,8 @@ def output_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return norm, head
 
 
-def _layer_index(model: nn.Module, layer: int | None) -> int:
+def layer_index(model: nn.Module, layer: int | None) -> int:
+    """`layer` checked against the model's decoder layers; None: the middle one (`num_layers // 2`)."""
     n = len(decoder_layers(model))
     layer = n // 2 if layer is None else int(layer)
     if not 0 <= layer < n:
@@ -119,7 +120,7 @@ def _capture(layer_module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _layer_output(
+def layer_output(
     model: nn.Module, layer: int, ids: torch.Tensor, mask: torch.Tensor, diffs: Sequence[LoraDiff | None]
 ) -> torch.Tensor:
     """The residual stream at the output of decoder layer `layer`, in fp32: `[rows, T, hidden]`.
@@ -187,7 +188,7 @@ def activation_differences(
     """
     if batch_size < 1:
         raise MetaditError(f"batch_size must be >= 1, got {batch_size}")
-    layer = _layer_index(model, layer)
+    layer = layer_index(model, layer)
     device = _device(model)
     ids, mask, w = _encode_prefixes(tok, texts, n_tokens, device)
     n_texts = len(texts)
@@ -196,7 +197,7 @@ def activation_differences(
     def weighted_sums(rows: list[tuple[int, int]], row_diffs: list[LoraDiff | None]) -> torch.Tensor:
         """Per row: the sum over its averaged positions of the layer output, `[rows, hidden]`."""
         t = torch.tensor([j for _, j in rows], device=device)
-        h = _layer_output(model, layer, ids[t], mask[t], row_diffs)
+        h = layer_output(model, layer, ids[t], mask[t], row_diffs)
         return (h * w[t, :, None]).sum(dim=1)
 
     with adapter_disabled(model):
@@ -261,14 +262,14 @@ def residual_norm(
     """The typical residual norm at `layer`: the mean L2 norm of the base model's layer output over the first
     `max_tokens` tokens of each text, leaving out position 0 (an attention sink whose norm is often far larger).
     """
-    layer = _layer_index(model, layer)
+    layer = layer_index(model, layer)
     ids, mask, w = _encode_prefixes(tok, texts, max_tokens, _device(model))
     w = w.clone()
     w[:, 0] = 0.0
     if w.sum() == 0:
         raise MetaditError("residual_norm: the texts are too short (need at least 2 tokens)")
     with adapter_disabled(model):
-        h = _layer_output(model, layer, ids, mask, [None] * ids.shape[0])
+        h = layer_output(model, layer, ids, mask, [None] * ids.shape[0])
     return float((h.norm(dim=-1) * w).sum() / w.sum())
 
 
@@ -279,7 +280,7 @@ def steering_hook(model: nn.Module, layer: int, delta: torch.Tensor) -> Iterator
     `delta` is `[hidden]` (all rows) or `[rows, hidden]` (row i gets `delta[i]`; the batch size must match).
     The hook is removed on leaving the block, also on an exception.
     """
-    module = decoder_layers(model)[_layer_index(model, layer)]
+    module = decoder_layers(model)[layer_index(model, layer)]
     if delta.dim() not in (1, 2):
         raise MetaditError(f"steering delta must be [hidden] or [rows, hidden], got shape {tuple(delta.shape)}")
 
@@ -387,7 +388,7 @@ def steer(
     strength of 1 is a push as large as the residual stream itself. `chat`: wrap each prompt as a user message
     in the chat template (False: the prompts are used as they are). Strength 0 is plain greedy generation.
     """
-    layer = _layer_index(model, layer)
+    layer = layer_index(model, layer)
     if norm is None:
         norm = residual_norm(model, tok, layer)
     delta = _deltas(vector.reshape(1, -1), [strength], norm)[0, 0]
@@ -417,7 +418,7 @@ def choose_strengths(
 ) -> list[dict[str, Any]]:
     """`choose_strength` for several vectors (`[n, hidden]`) at once: one generation pass for all of them,
     the unsteered answers generated once."""
-    layer = _layer_index(model, layer)
+    layer = layer_index(model, layer)
     strengths = sorted(float(s) for s in strengths)
     if not strengths or strengths[0] <= 0:
         raise MetaditError(f"strengths must be positive numbers, got {strengths}")
@@ -543,7 +544,7 @@ def lens_evidence(
 
     A `None` diff (or one with no effect) has a zero vector: no tokens, no steering.
     """
-    layer = _layer_index(model, layer)
+    layer = layer_index(model, layer)
     vectors = activation_differences(model, tok, diffs, texts, layer, n_tokens, batch_size)
     lens = logit_lens(model, tok, vectors, k)
     choices = choose_strengths(model, tok, vectors, prompts, strengths, layer, max_new_tokens, max_nll_increase,
