@@ -558,8 +558,9 @@ class _Stopped(Exception):
 
 
 def _run_engine(cmd: list[str]) -> int:
-    """Run Snakemake in its own process group; an interrupt (Ctrl-C, SIGTERM) goes to it and its jobs as SIGINT,
-    and they stop their steps (a stopped step leaves no marker)."""
+    """Run Snakemake in its own process group; an interrupt (Ctrl-C, SIGTERM) goes to the whole group as SIGTERM:
+    the running steps stop (leaving no marker) and Snakemake exits once they have. Not SIGINT: a sweep started in
+    the background of a script inherits SIGINT ignored."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def on_term(signum, frame):
@@ -571,7 +572,7 @@ def _run_engine(cmd: list[str]) -> int:
         return proc.wait()
     except (KeyboardInterrupt, _Stopped):
         try:
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
