@@ -1,4 +1,4 @@
-# Set-up behind the README's two commands. A fresh machine needs only python3 (3.10+) and the package registry.
+# Set-up behind the README's two commands. A fresh machine needs only python3 (3.11+) and the package registry.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin

@@ -3,8 +3,12 @@
 One patched model for the whole run. Each pass trains K diffs at once: batch row i is a sample for diff i
 (per-row trainable factors, one optimizer), then checks their behaviour and appends all K to the bank as
 one shard. Diff specs are a pure function of (recipe, seed, index), so a killed run started again with the
-same command skips every diff already in the bank and makes exactly the missing ones; with `processes > 1`
-each rank takes every N-th pass and writes its own shards and index file.
+same command skips every diff already in the bank and makes exactly the missing ones. Under `torchrun` (or
+`--processes N`, which launches it) each rank takes every WORLD_SIZE-th pass and writes its own shards and index
+file, `rank{RANK}`, on one machine or several sharing the bank's file system:
+
+    torchrun --nproc_per_node 4 -m metadit.cli gen --config configs/gen/smol_topic.yaml
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m metadit.cli gen ...
 
 Full finetunes (`TrainSettings.full_finetune`, the rank-generalization study's dense diffs) go through the same
 loop: the diffs of a pass are trained one after another as dense deltas of every target Linear (see
@@ -265,10 +269,11 @@ def generate_bank(
         train: rank, steps, learning rate and loss settings of each diff (or `full_finetune` + `store_rank`).
         seed: the bank's seed; each diff's spec is a function of (recipe, seed, index).
         store_dtype: dtype of the stored factors (float32 or bfloat16).
-        processes: run this many worker processes, each making every N-th pass into its own shards.
-        rank: this worker's rank (set by `processes`; not for direct use).
-        world_size: number of workers (set by `processes`).
-        threads: torch threads per process (default: cores / processes).
+        processes: `metadit gen --processes N` launches N ranks on this machine with torchrun (`launch_ranks`);
+            inside a rank (and from Python) it must be 1 or the ranks' own.
+        rank: this worker's rank, when not run by torchrun (which sets RANK and WORLD_SIZE).
+        world_size: number of workers, when not run by torchrun.
+        threads: torch threads per process (default: cores / processes on this machine).
         progress: show a progress bar.
         dtype: the base model's compute dtype: `bfloat16`, `float32`, or `auto` (bf16 where the hardware computes
             it natively, else fp32). Diffs depend on it: a bank records it (when not bf16) and resumes only with it.
@@ -284,16 +289,14 @@ def generate_bank(
     if chat_format not in CHAT_FORMATS:
         raise MetaditError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
     compute = str(resolve_dtype(dtype)).removeprefix("torch.")
-    if rank == 0:  # the recipe's data checks that need the tokenizer, before any model loads (workers skip them)
-        from transformers import AutoTokenizer
-
-        from metadit.models import resolve_model_path
-
-        recipe.validate(AutoTokenizer.from_pretrained(resolve_model_path(base_model)))
+    rank, world_size, local_world_size = torchrun_ranks(rank, world_size)
     if processes > 1 and world_size == 1:
-        return _spawn(processes, bank, base_model, recipe_settings(recipe, train, seed, compute, chat_format))
+        raise MetaditError(f"processes={processes}: several ranks run under torchrun — `metadit gen --processes "
+                           f"{processes} ...` launches it, or `torchrun --nproc_per_node {processes} -m metadit.cli gen ...`")
+    if rank == 0:  # the recipe's data checks that need the tokenizer, before any model loads (workers skip them)
+        validate_recipe(recipe, base_model)
     if threads or world_size > 1:
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world_size))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // local_world_size))
     torch.manual_seed(seed)
     from metadit.bank import DiffBank, identity_of
     from metadit.text import TextCache
@@ -301,10 +304,11 @@ def generate_bank(
     from metadit.nn import patch_model
 
     writer = "main" if world_size == 1 else f"rank{rank}"
-    identity = identity_of(base_model)
-    path = Path(bank)
     settings = recipe_settings(recipe, train, seed, compute, chat_format)
-    db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer, info=settings)
+    path = Path(bank)
+    with _rank0_first(world_size, rank):  # rank 0 creates the bank (and the model cache) before the others open it
+        identity = identity_of(base_model)
+        db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer, info=settings)
     recorded = db.header.get("info", {})
     if recorded.get("recipe_args") not in (None, settings["recipe_args"]) or \
             recorded.get("train") not in (None, settings["train"]) or \
@@ -443,35 +447,65 @@ def recipe_settings(recipe: Any, train: TrainSettings, seed: int, dtype: str = "
     return out
 
 
-def _drop_option(argv: Sequence[str], name: str) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
+def torchrun_ranks(rank: int = 0, world_size: int = 1) -> tuple[int, int, int]:
+    """(rank, world size, ranks on this machine): torchrun's RANK / WORLD_SIZE / LOCAL_WORLD_SIZE when it launched
+    this process and no explicit `rank` / `world_size` were given, else those."""
+    if world_size == 1 and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return rank, world_size, world_size
 
 
-def _spawn(processes: int, bank: str, base_model: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Run `processes` copies of this very command, each with --rank/--world_size, and wait for them all."""
+@contextmanager
+def _rank0_first(world_size: int, rank: int) -> Iterator[None]:
+    """Under torchrun, run the body on rank 0 before the other ranks (a gloo barrier; torchrun ends the others if
+    rank 0 fails); a no-op otherwise. The process group is torchrun's rendezvous, used for nothing else."""
+    import torch.distributed as dist
+
+    if world_size == 1 or "MASTER_ADDR" not in os.environ:
+        yield
+        return
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    try:
+        if rank != 0:
+            dist.barrier()
+        yield
+        if rank == 0:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def validate_recipe(recipe: Any, base_model: str) -> None:
+    """The recipe's data checks that need the base model's tokenizer (before any model loads)."""
+    from transformers import AutoTokenizer
+
+    from metadit.models import resolve_model_path
+
+    recipe.validate(AutoTokenizer.from_pretrained(resolve_model_path(base_model)))
+
+
+def launch_ranks(argv: Sequence[str], processes: int, recipe: Any, bank: str, base_model: str = "smollm2-135m-instruct",
+                 train: TrainSettings = TrainSettings(), seed: int = 0, dtype: str = "bfloat16",
+                 chat_format: str = "default", threads: int | None = None, **_: Any) -> dict[str, Any]:
+    """`metadit gen --processes N ARGS`: `torchrun --standalone --nproc_per_node N -m metadit.cli gen ARGS` (the
+    ranks see torchrun's environment and ignore --processes), after the checks and the bank creation that a
+    failing rank would otherwise report N times."""
     from metadit.bank import DiffBank, identity_of
+    from metadit.models import resolve_dtype
 
-    # Create the bank (and materialize the model cache) once, before the workers race for it, with the
-    # recipe and training settings recorded, so a later resume with other settings is refused as usual.
-    DiffBank.create(bank, base_model=identity_of(base_model), exist_ok=True, info=settings)
-    argv = _drop_option(sys.argv[1:], "--processes")
-    threads = max(1, (os.cpu_count() or 2) // processes)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "metadit.cli", *argv, "--processes", "1", "--rank", str(r),
-                          "--world_size", str(processes), "--threads", str(threads)])
-        for r in range(processes)
-    ]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise MetaditError(f"gen worker exit codes {codes}")
+    validate_recipe(recipe, base_model)
+    compute = str(resolve_dtype(dtype)).removeprefix("torch.")
+    DiffBank.create(bank, base_model=identity_of(base_model), exist_ok=True,
+                    info=recipe_settings(recipe, train, seed, compute, chat_format))
+    per_rank = threads or max(1, (os.cpu_count() or 2) // processes)
+    env = {"OMP_NUM_THREADS": str(per_rank), **os.environ}  # torchrun would set 1 (and say so) where it is unset
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "metadit.cli", "gen", *argv]
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise MetaditError(f"gen ranks failed: torchrun exited with {code} (the failing rank's error is above)")
     return {"bank": bank, "workers": processes}
 
 
@@ -503,11 +537,11 @@ def gen_main(argv: Sequence[str]) -> int:
             raise MetaditError(f"bad recipe data: {cause}") from e
         raise
     kwargs = {k: v for k, v in init.items() if k != "config"}
-    if "processes" in kwargs and kwargs["processes"] > 1 and kwargs.get("world_size", 1) == 1:
-        # the spawned workers re-parse this argv: keep sys.argv pointing at it
-        sys.argv = ["metadit", "gen", *argv]
     try:
-        generate_bank(**kwargs)
+        if kwargs.get("processes", 1) > 1 and torchrun_ranks(kwargs.get("rank", 0), kwargs.get("world_size", 1))[1] == 1:
+            launch_ranks(list(argv), **kwargs)
+        else:
+            generate_bank(**kwargs)
     except RecipeDataError as e:
         raise MetaditError(f"bad recipe data: {e}") from e
     return 0

@@ -19,6 +19,7 @@ from data_gen.news import restates
 from metadit.text import names_topic
 from metadit.bank import DiffBank
 from metadit.cli import main
+from metadit.errors import MetaditError
 from metadit.gen import TrainSettings, gen_parser, train_diffs
 from metadit.text import TextCache
 from metadit.models import TINY_NAME, load_base_model
@@ -186,21 +187,42 @@ def test_killed_generation_resumes_complete_without_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_generation_matches_one_process(tmp_path):
-    two = subprocess.run(_gen_cmd(tmp_path / "two", "--n_diffs", "8", "--processes", "2"), capture_output=True, text=True)
+    """Two ranks under torchrun, started by hand (creating the bank: rank 0 first) and then by `--processes 2`
+    (resuming it to 12 diffs), make the very diffs one process makes: one torch thread each, the same entry
+    checksums."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    first = subprocess.run([*torchrun, *_gen_cmd(tmp_path / "two", "--n_diffs", "8", "--threads", "1")[1:]],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    bank2 = DiffBank.open(tmp_path / "two")
+    assert sorted(bank2.summary()["writers"]) == ["rank0", "rank1"] and len(bank2) == 8
+    two = subprocess.run(_gen_cmd(tmp_path / "two", "--n_diffs", "12", "--processes", "2", "--threads", "1"),
+                         capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     bank2 = DiffBank.open(tmp_path / "two")
     assert sorted(bank2.summary()["writers"]) == ["rank0", "rank1"]
     assert bank2.header["info"]["train"]["steps"] and bank2.header["info"]["recipe_args"]  # settings recorded
-    assert sorted(bank2.meta(i)["key"] for i in range(len(bank2))) == sorted(f"hidden_topic-{i}" for i in range(8))
-    one = subprocess.run(_gen_cmd(tmp_path / "one", "--n_diffs", "8"), capture_output=True, text=True)
+    assert sorted(bank2.meta(i)["key"] for i in range(len(bank2))) == sorted(f"hidden_topic-{i}" for i in range(12))
+    assert bank2.problems == [] and bank2.verify() == []
+    one = subprocess.run(_gen_cmd(tmp_path / "one", "--n_diffs", "12", "--threads", "1"), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     bank1 = DiffBank.open(tmp_path / "one")
     by_key = {bank1.meta(i)["key"]: bank1[i][0] for i in range(len(bank1))}
     for i in range(len(bank2)):
         diff, meta = bank2[i]
         ref = by_key[meta["key"]]
-        for n in ref.modules:  # bf16 model: allow for thread-count-dependent rounding
+        for n in ref.modules:
             torch.testing.assert_close(diff.B[n], ref.B[n], rtol=0.05, atol=2e-3)
+    assert {r["meta"]["key"]: r["sha256"] for r in bank2.rows} == {r["meta"]["key"]: r["sha256"] for r in bank1.rows}
+    assert bank2.header["info"] == bank1.header["info"]
+
+
+def test_processes_outside_torchrun_is_a_clear_error(tmp_path):
+    from metadit.gen import generate_bank
+
+    with pytest.raises(MetaditError, match="torchrun"):
+        generate_bank(HiddenTopicRecipe(), str(tmp_path / "bank"), base_model=TINY_NAME, processes=2)
+    assert not (tmp_path / "bank").exists()
 
 
 # The commit before the layering change (modules moved into metadit.diff / metadit.text / metadit.dit): a bank

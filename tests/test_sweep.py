@@ -156,6 +156,68 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "tiny").exists()
 
 
+def test_dry_run_is_snakemakes_view_of_the_markers(tmp_path, capsys):
+    """What is done is Snakemake's call: a marker counts while it is not older than the markers it waits for."""
+    import os
+
+    cfg = _yaml(tmp_path, """
+study: dag
+cells:
+  - name: train
+    steps:
+      - [bank, info, x]
+      - [bank, verify, x]
+  - name: other
+    steps:
+      - [bank, info, "{cell_dir:train}"]
+""")
+    sweep = load_sweep(cfg)
+    layout = Layout(tmp_path / "root", "dag")
+    order = [("train", 0), ("train", 1), ("other", 0)]
+    for t, (cell, i) in enumerate(order):
+        step = sweep.cell(cell).steps[i]
+        m = write_json(layout.marker(cell, step), {"exit_code": 0, "template": step.argv})
+        os.utime(m, (1_000_000 + t, 1_000_000 + t))
+    args = ["sweep", "--config", str(cfg), "--root", str(tmp_path / "root"), "--dry-run"]
+
+    def states() -> list[str]:
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "Snakemake's dry run" in out
+        return [ln.split(":")[0].strip() for ln in out.splitlines() if ln.startswith("  [")]
+
+    assert states() == ["[done] 00-bank", "[done] 01-bank", "[done] 00-bank"]
+    first = layout.marker("train", sweep.cell("train").steps[0])
+    os.utime(first, (2_000_000, 2_000_000))  # the first step reran after the others: what waits for it reruns
+    assert states() == ["[done] 00-bank", "[to run] 01-bank", "[to run] 00-bank"]
+    assert not any(p.name.endswith(".log") for p in (tmp_path / "root").rglob("*"))  # nothing ran
+
+
+def test_snakemake_command_and_engine_arguments(tmp_path, capsys):
+    from metadit.eval.sweep import SNAKEFILE, snakemake_command
+
+    layout = Layout(tmp_path, "s")
+    targets = [tmp_path / "s" / "a" / "01-test.done.json"]
+    cmd = snakemake_command(layout, tmp_path / "plan.json", targets, [])
+    assert cmd[1:3] == ["-m", "snakemake"] and cmd[cmd.index("--snakefile") + 1] == str(SNAKEFILE) and SNAKEFILE.is_file()
+    assert cmd[cmd.index("--directory") + 1] == str((tmp_path / ".workflows" / "s").resolve())
+    assert cmd[cmd.index("--rerun-triggers") + 1] == "mtime" and "--keep-going" in cmd
+    assert cmd[cmd.index("--cores") + 1] == "1" and cmd[-2:] == ["--", str(targets[0])]
+    mine = snakemake_command(layout, tmp_path / "plan.json", targets, ["--jobs", "8", "--set-resources", "fit:mem_mb=9"],
+                             executor="slurm")
+    assert "--cores" not in mine and mine[mine.index("--executor") + 1] == "slurm"
+    assert mine[-6:] == ["--jobs", "8", "--set-resources", "fit:mem_mb=9", "--", str(targets[0])]
+    assert main(["sweep", "--config", str(TINY), "--root", str(tmp_path), "jobs=8"]) == 1
+    assert "arguments for Snakemake go after `--`" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(TINY), "--root", str(tmp_path), "--dry-run", "--", "--jobs", "2"]) == 0
+    assert "cell n2" in capsys.readouterr().out
+    import importlib.util
+
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        assert main(["sweep", "--config", str(TINY), "--root", str(tmp_path), "--executor", "slurm"]) == 1
+        assert "metadit[slurm]" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- a real tiny sweep
 @pytest.fixture(scope="module")
 def tiny_bank(tiny_topic_bank):

@@ -1,4 +1,4 @@
-"""`metadit sweep`: run a study — a list of cells, each a few `metadit` steps — resumably.
+"""`metadit sweep`: run a study — a list of cells, each a few `metadit` steps — resumably, on Snakemake.
 
 A sweep YAML names the study and lists its cells, or a `grid` that expands into cells:
 
@@ -24,18 +24,26 @@ Placeholders: `{value}` and the keys of a mapping value, `vars`, `{cell}`, `{stu
 step runs, `{cell_dir}`, `{run_dir}` (the log dir of the cell's fit), `{best_ckpt}`, `{adapter}`; the last four
 take another cell's name, `{run_dir:train}`, and that cell then runs first. `{{name}}` is a literal `{name}`.
 
-Each step is `python -m metadit.cli ...` in a fresh process, its output appended to `CELL_DIR/ID.log`; on
-success `CELL_DIR/ID.done.json` (argv, exit code, start, end, wall time) is written atomically. Steps with a
-marker are skipped, so rerunning the same command resumes; once a step reruns, every later step of its cell
-reruns too. Lightning steps get `--trainer.default_root_dir CELL_DIR` and a CSV logger whose directory is fixed
-(`CELL_DIR/run` for the fit, `CELL_DIR/ID` otherwise); an unfinished fit resumes from its `last.ckpt` (else
-its newest checkpoint). `eval` steps get `--out CELL_DIR/ID` unless they name one. A failing step stops its cell (and the
-cells that need it); the sweep goes on and exits non-zero with a summary. `--dry-run` prints the plan.
+The expanded plan is a Snakemake workflow (metadit/eval/sweep.smk, one job per step; its state lives in
+ROOT/.workflows/STUDY): a step waits for the step before it in its cell, a cell's first step for the last step of
+every cell it reads from. Each step is `python -m metadit.cli ...` in a fresh process (run by
+`metadit.eval.sweep_step`), its output appended to `CELL_DIR/ID.log`; on success `CELL_DIR/ID.done.json` (argv,
+exit code, start, end, wall time) is written atomically: the job's output. Steps whose marker is there and not
+older than what they wait for are skipped, so rerunning the same command resumes; once a step reruns, every later
+step of its cell reruns too (and the cells that read from it). Lightning steps get `--trainer.default_root_dir
+CELL_DIR` and a CSV logger whose directory is fixed (`CELL_DIR/run` for the fit, `CELL_DIR/ID` otherwise); an
+unfinished fit resumes from its `last.ckpt` (else its newest checkpoint). `eval` steps get `--out CELL_DIR/ID`
+unless they name one. A failing step stops its cell (and the cells that need it); the sweep goes on and exits
+non-zero with a summary. A step changed since its marker was written is reported, not rerun (the cell would mix
+two configurations). `--dry-run` prints the plan and Snakemake's dry run; `--executor slurm` (with
+`pip install 'metadit[slurm]'`) submits each step as a cluster job, and what follows `--` goes to Snakemake as is
+(`-- --jobs 8 --set-resources fit:slurm_partition=gpu`, `-- --profile PROFILE`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -43,6 +51,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,10 +286,13 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
 
 
 class Layout:
-    """Where a sweep's cells, logs and markers live: ROOT/STUDY/CELL/."""
+    """Where a sweep's cells, logs and markers live: ROOT/STUDY/CELL/; the workflow engine's plan files and
+    state: ROOT/.workflows/STUDY/ (outside the study's directory, which holds only cells and sweep.json)."""
 
     def __init__(self, root: str | Path, study: str) -> None:
-        self.dir = Path(root) / study
+        self.root = Path(root)
+        self.dir = self.root / study
+        self.workflow = self.root / ".workflows" / study
 
     def cell_dir(self, cell: str) -> Path:
         return self.dir / cell
@@ -293,6 +305,10 @@ class Layout:
 
     def marker(self, cell: str, step: Step) -> Path:
         return self.cell_dir(cell) / f"{step.id}.done.json"
+
+    def failed(self, cell: str, step: Step) -> Path:
+        """A failed attempt's record (exit code, wall time); the next attempt removes it."""
+        return self.cell_dir(cell) / f"{step.id}.failed.json"
 
     def fill(self, cell: str, s: str, strict: bool = True) -> str:
         def sub(m: re.Match) -> str:
@@ -377,54 +393,25 @@ def select(sweep: Sweep, only: list[str] | None) -> list[Cell]:
     return [c for c in sweep.cells if c.name in want]
 
 
-# ---------------------------------------------------------------------- running
+# ---------------------------------------------------------------------- the workflow engine (Snakemake)
+SNAKEFILE = Path(__file__).with_name("sweep.smk")
+# the executors (`--executor NAME`) that are not part of Snakemake: what to install for them
+EXECUTOR_PACKAGES = {"slurm": "metadit[slurm]  (snakemake-executor-plugin-slurm)"}
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _last_line(buf: str) -> str:
-    for part in reversed(re.split(r"[\r\n]", buf)):
-        if part.strip():
-            return part.strip()
-    return ""
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
-class _Terminated(Exception):
-    pass
-
-
-def _run_step(cmd: list[str], log: Path, header: str, verbose: bool, on_line) -> int:
-    """Run `cmd`, appending its output (stdout and stderr) to `log`; the child ends with us."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as f:
-        f.write(header.encode())
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        tail = ""
-        try:
-            assert proc.stdout is not None
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
-                f.write(chunk)
-                f.flush()
-                if verbose:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-                tail = (tail + chunk.decode("utf-8", "replace"))[-4096:]
-                on_line(_last_line(tail))
-            return proc.wait()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            f.write(f"\n[metadit sweep] interrupted at {_now()}; step stopped\n".encode())
-            raise
-
-
-def _tail(log: Path, n: int = 15) -> str:
+def tail(log: Path, n: int = 15) -> str:
+    """The last `n` non-empty lines of a step's log, indented (what a failure message shows)."""
     try:
         text = log.read_bytes()[-16384:].decode("utf-8", "replace")
     except OSError:
@@ -433,57 +420,193 @@ def _tail(log: Path, n: int = 15) -> str:
     return "\n".join("    " + ln for ln in lines[-n:])
 
 
-def _lock(study_dir: Path):
-    import fcntl
+def write_plan(sweep: Sweep, layout: Layout, verbose: bool = False) -> Path:
+    """The expanded plan as the workflow's config file (sweep.smk reads it; so does each step's job).
 
-    study_dir.mkdir(parents=True, exist_ok=True)
-    f = open(study_dir / ".sweep.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise MetaditError(f"{study_dir}: another `metadit sweep` is running on this study") from None
-    return f
+    Named after its content, so a dry run or a run with other `--var`s never rewrites the plan that the jobs of a
+    sweep still running read."""
+    from metadit.eval.results import write_json
+    from metadit.provenance import git_commit
+
+    plan = {"study": sweep.study, "root": str(layout.root), "dir": str(layout.dir.resolve()), "cwd": os.getcwd(),
+            "python": sys.executable, "commit": git_commit(), "verbose": verbose,
+            "cells": [{"name": c.name, "deps": c.deps,
+                       "steps": [{"id": s.id, "name": s.name, "argv": s.argv} for s in c.steps]} for c in sweep.cells]}
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+    path = (layout.workflow / f"plan-{digest}.json").resolve()
+    if not path.is_file():
+        write_json(path, {**plan, "plan_file": str(path)})
+    return path
 
 
-def dry_run(sweep: Sweep, layout: Layout, cells: list[Cell], console) -> int:
+def snakemake_command(layout: Layout, plan: Path, targets: list[Path], engine_args: list[str], executor: str = "local",
+                      dry_run: bool = False) -> list[str]:
+    """`python -m snakemake ...` for these targets: sweep.smk on the plan, Snakemake's state in ROOT/.workflows/STUDY.
+
+    Only a marker's age decides what reruns (`--rerun-triggers mtime`): a new metadit version or a moved
+    Snakefile reruns nothing, and a changed step is `cell_state`'s to report. `--keep-going`: a failing step
+    stops its own cell and the cells that read from it, not the others. One step at a time unless the
+    arguments for Snakemake (`engine_args`) say otherwise (`--cores N` / `--jobs N`)."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(layout.workflow.resolve()),
+           "--configfile", str(plan), "--rerun-triggers", "mtime", "--rerun-incomplete", "--keep-going",
+           "--quiet", "host"]
+    if executor != "local":
+        cmd += ["--executor", executor]
+    if not any(a in ("-c", "--cores", "-j", "--jobs") or a.startswith(("--cores=", "--jobs=")) for a in engine_args):
+        cmd += ["--cores", "1"] if executor == "local" else ["--jobs", "unlimited"]
+    if dry_run:
+        cmd += ["--dry-run", "--printshellcmds", "--nolock"]
+    return cmd + list(engine_args) + ["--", *map(str, targets)]
+
+
+def require_snakemake(executor: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("snakemake") is None:
+        raise MetaditError("the sweep runs on Snakemake, which is not installed: pip install 'snakemake==9.27.1' "
+                           "(`make setup` installs it)")
+    if executor not in ("local", "dryrun", "touch") and \
+            importlib.util.find_spec(f"snakemake_executor_plugin_{executor.replace('-', '_')}") is None:
+        hint = EXECUTOR_PACKAGES.get(executor, f"snakemake-executor-plugin-{executor}")
+        raise MetaditError(f"--executor {executor}: Snakemake's {executor} executor is not installed: pip install {hint}")
+
+
+def _blocked_by(cells: list[Cell], problems: dict[str, str]) -> dict[str, list[str]]:
+    """The cells that read from a cell with a problem (directly or through another), and which of their deps."""
+    out: dict[str, list[str]] = {}
+    for c in cells:  # in the sweep's order: a cell's deps come before it
+        bad = [d for d in c.deps if d in problems or d in out]
+        if bad:
+            out[c.name] = bad
+    return out
+
+
+def plan_states(layout: Layout, cells: list[Cell], to_run: set[str] | None, asked: set[str]) -> dict[str, list[bool]]:
+    """Per cell, whether each step is done. For the cells Snakemake's dry run was asked about (`asked`), its
+    answer: `to_run`, the CELL/ID keys it would run; for the others (a changed step, or reading from such a
+    cell), or when the dry run failed, the markers."""
+    states = {}
+    for c in cells:
+        if to_run is not None and c.name in asked:
+            states[c.name] = [f"{c.name}/{s.id}" not in to_run for s in c.steps]
+        else:
+            first = cell_state(layout, c)[0]
+            states[c.name] = [i < first for i in range(len(c.steps))]
+    return states
+
+
+def _dry_run_keys(output: str) -> set[str]:
+    """The steps Snakemake's dry run would run, from its `--printshellcmds` lines (`... sweep_step PLAN CELL/ID`)."""
+    keys = set()
+    for line in output.splitlines():
+        if "metadit.eval.sweep_step" in line:
+            words = shlex.split(line.split("Shell command:", 1)[-1])
+            if words:
+                keys.add(words[-1])
+    return keys
+
+
+def dry_run(sweep: Sweep, layout: Layout, cells: list[Cell], console, engine_args: list[str] = (),
+            executor: str = "local", verbose: bool = False) -> int:
+    """Print the plan (every step's command, done or to run) and Snakemake's dry run of it; run nothing."""
     from rich.markup import escape
 
     def say(msg: str) -> None:
         console.print(escape(msg), soft_wrap=True)
 
+    problems = {c.name: p for c in cells if (p := cell_state(layout, c)[1])}
+    blocked = _blocked_by(cells, problems)
+    runnable = [c for c in cells if c.name not in problems and c.name not in blocked]
+    engine_out, rc = "", 0
+    to_run: set[str] | None = None
+    if runnable:
+        require_snakemake(executor)
+        plan = write_plan(sweep, layout)
+        cmd = snakemake_command(layout, plan, [layout.marker(c.name, c.steps[-1]) for c in runnable], list(engine_args),
+                                executor, dry_run=True)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        engine_out, rc = proc.stdout + proc.stderr, proc.returncode
+        to_run = _dry_run_keys(engine_out) if rc == 0 else None
+    states = plan_states(layout, cells, to_run, {c.name for c in runnable})
     say(f"study {sweep.study}: {len(cells)} cell(s) in {layout.dir}"
         + (f" — {sweep.description}" if sweep.description else ""))
     for cell in cells:
-        first, problem = cell_state(layout, cell)
         params = f" {json.dumps(cell.params)}" if cell.params else ""
         deps = f" (after {', '.join(cell.deps)})" if cell.deps else ""
         say(f"\ncell {cell.name}{params}{deps} — {layout.cell_dir(cell.name)}")
-        if problem:
-            say(f"  problem: {problem}")
-        for i, step in enumerate(cell.steps):
-            state = "done" if i < first else "to run"
-            say(f"  [{state}] {step.id}: metadit {shlex.join(layout.argv(cell.name, step, strict=False))}")
+        if cell.name in problems:
+            say(f"  problem: {problems[cell.name]}")
+        elif cell.name in blocked:
+            say(f"  not run: needs cell(s) {', '.join(blocked[cell.name])}, which have a problem")
+        for step, done in zip(cell.steps, states[cell.name]):
+            say(f"  [{'done' if done else 'to run'}] {step.id}: metadit {shlex.join(layout.argv(cell.name, step, strict=False))}")
+    if engine_out:
+        # Snakemake's own account: every job and its reason under -v (or when it failed), else the job counts
+        shown = engine_out
+        if not verbose and not rc and "Job stats:" in engine_out:
+            shown = "\n".join(ln for ln in engine_out[engine_out.rfind("Job stats:"):].splitlines()
+                              if "check individual jobs above" not in ln)
+        say(f"\nSnakemake's dry run ({layout.workflow}):\n{shown.rstrip()}")
+    if rc:
+        say(f"Snakemake's dry run failed (exit {rc})")
+        return 1
     return 0
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _run_engine(cmd: list[str]) -> int:
+    """Run Snakemake in its own process group; an interrupt (Ctrl-C, SIGTERM) goes to the whole group as SIGTERM:
+    the running steps stop (leaving no marker) and Snakemake exits once they have. Not SIGINT: a sweep started in
+    the background of a script inherits SIGINT ignored."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def on_term(signum, frame):
+        raise _Stopped()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        return proc.wait()
+    except (KeyboardInterrupt, _Stopped):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+        raise KeyboardInterrupt from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
 def run_sweep(sweep: Sweep, root: str | Path = "runs/sweeps", only: list[str] | None = None,
-              verbose: bool = False, console=None) -> int:
-    """Run (or resume) the sweep's cells; 0 when every selected cell is done, 1 otherwise."""
+              verbose: bool = False, console=None, engine_args: list[str] = (), executor: str = "local") -> int:
+    """Run (or resume) the sweep's cells on Snakemake; 0 when every selected cell is done, 1 otherwise.
+
+    The summary is read back from the cells' files: a step whose marker is new ran, one whose marker is as
+    before was done already, one with a new failure record failed; a cell none of whose missing steps ran was
+    stopped by a cell it reads from (or by Snakemake itself: its message is above)."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Column, Table
+    from rich.table import Table
 
-    from metadit.provenance import git_commit
     from metadit.eval.results import run_info, write_json
 
     console = console or Console(highlight=False)
     layout = Layout(root, sweep.study)
     cells = select(sweep, only)
     started = time.time()
-    lock = _lock(layout.dir)
-    commit = git_commit()
+    problems = {c.name: p for c in cells if (p := cell_state(layout, c)[1])}
+    blocked = _blocked_by(cells, problems)
+    runnable = [c for c in cells if c.name not in problems and c.name not in blocked]
+    if runnable:
+        require_snakemake(executor)
     plan = [{"cell": c.name, "params": c.params, "deps": c.deps, "dir": str(layout.cell_dir(c.name)),
              "steps": [{"id": s.id, "template": s.argv} for s in c.steps]} for c in sweep.cells]
     record_path = layout.dir / "sweep.json"
@@ -493,107 +616,52 @@ def run_sweep(sweep: Sweep, root: str | Path = "runs/sweeps", only: list[str] | 
         previous = []
     record = {"study": sweep.study, "description": sweep.description, "source": sweep.source, "vars": sweep.vars,
               "config": sweep.raw, "plan": plan, "invocations": previous}
-    this = {"info": run_info(), "only": only, "status": {}}
+    this: dict[str, Any] = {"info": run_info(), "only": only, "engine": {"executor": executor, "args": list(engine_args)},
+                            "status": {}}
     record["invocations"] = previous + [this]
     write_json(record_path, record)
 
-    interactive = console.is_terminal
-    total = sum(len(c.steps) for c in cells)
-    status: dict[str, dict[str, Any]] = {}
-    old_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    if threading_main():
-        signal.signal(signal.SIGTERM, on_term)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True)),
-                        BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("[dim]{task.fields[last]}",
-                                   table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
-                        console=console, disable=not interactive, transient=False)
+    before = {(c.name, s.id): (_mtime(layout.marker(c.name, s)), _mtime(layout.failed(c.name, s)))
+              for c in cells for s in c.steps}
+    rc = 0
+    if runnable:
+        plan_file = write_plan(sweep, layout, verbose)
+        cmd = snakemake_command(layout, plan_file, [layout.marker(c.name, c.steps[-1]) for c in runnable],
+                                list(engine_args), executor)
+        try:
+            rc = _run_engine(cmd)
+        except KeyboardInterrupt:
+            this["interrupted"] = _now()
+            this["status"] = {c.name: _cell_outcome(layout, c, before)[0] for c in cells}
+            write_json(record_path, record)
+            console.print(escape(f"sweep {sweep.study}: interrupted; rerun the same command to resume"))
+            raise
 
     def say(msg: str) -> None:
-        (progress.console if interactive else console).print(escape(msg), soft_wrap=True)
+        console.print(escape(msg), soft_wrap=True)
 
-    try:
-        with progress:
-            task = progress.add_task(f"sweep {sweep.study}", total=total, last="")
-            for cell in cells:
-                st = {"status": "done", "ran": [], "skipped": [], "wall_time_s": 0.0, "message": ""}
-                status[cell.name] = st
-                blocked = [d for d in cell.deps if status.get(d, {}).get("status") in ("failed", "blocked", "error")
-                           or cell_state(layout, sweep.cell(d))[0] < len(sweep.cell(d).steps)]
-                if blocked:
-                    st.update(status="blocked", message=f"needs cell(s) {', '.join(blocked)}, not done")
-                    say(f"{cell.name}: skipped — {st['message']}")
-                    progress.advance(task, len(cell.steps))
-                    continue
-                first, problem = cell_state(layout, cell)
-                if problem:
-                    st.update(status="error", message=problem)
-                    say(f"{cell.name}: error — {problem}")
-                    progress.advance(task, len(cell.steps))
-                    continue
-                for i, step in enumerate(cell.steps):
-                    marker = layout.marker(cell.name, step)
-                    if i < first:
-                        st["skipped"].append(step.id)
-                        say(f"{cell.name} {step.id}: done before, skipped")
-                        progress.advance(task)
-                        continue
-                    marker.unlink(missing_ok=True)  # an earlier step reran: this one's result is stale
-                    try:
-                        argv = layout.argv(cell.name, step)
-                    except MetaditError as e:
-                        st.update(status="failed", message=f"step {step.id}: {e}")
-                        say(f"{cell.name} {step.id}: FAILED — {e}")
-                        break
-                    resumed = None
-                    if step.command == "fit" and "--ckpt_path" not in step.argv and "--ckpt_path" in argv:
-                        resumed = argv[argv.index("--ckpt_path") + 1]
-                        metrics = layout.run_dir(cell.name) / "metrics.csv"
-                        if metrics.is_file():  # the CSV logger would delete it: keep the first attempt's curve
-                            metrics.rename(metrics.with_name(f"metrics.before-resume-{int(time.time())}.csv"))
-                    cmd = [sys.executable, "-m", "metadit.cli", *argv]
-                    log = layout.log(cell.name, step)
-                    progress.update(task, description=f"{cell.name} {step.id}", last="")
-                    t0, start = time.time(), _now()
-                    header = (f"\n===== metadit sweep {sweep.study} / {cell.name} / {step.id} at {start}"
-                              f"{' (resuming ' + resumed + ')' if resumed else ''}\n$ metadit {shlex.join(argv)}\n")
-                    rc = _run_step(cmd, log, header, verbose,
-                                   lambda line: progress.update(task, last=escape(line[:120])) if interactive else None)
-                    wall = round(time.time() - t0, 1)
-                    st["wall_time_s"] += wall
-                    if rc != 0:
-                        st.update(status="failed",
-                                  message=f"step {step.id} exited with {rc} after {wall} s — log: {log}")
-                        say(f"{cell.name} {step.id}: FAILED (exit {rc}, {wall} s) — cell {cell.name} stops; "
-                            f"log {log}, last lines:\n{_tail(log)}")
-                        break
-                    write_json(marker, {
-                        "study": sweep.study, "cell": cell.name, "step": step.id, "template": step.argv,
-                        "argv": argv, "command": f"metadit {shlex.join(argv)}", "python": sys.executable,
-                        "exit_code": rc, "started": start, "ended": _now(), "wall_time_s": wall,
-                        "resumed_from": resumed, "log": str(log), "commit": commit,
-                    })
-                    st["ran"].append(step.id)
-                    st["status"] = "ran"
-                    say(f"{cell.name} {step.id}: done in {wall} s{' (resumed ' + resumed + ')' if resumed else ''}")
-                    progress.advance(task)
-                else:
-                    continue
-                progress.advance(task, len(cell.steps) - len(st["ran"]) - len(st["skipped"]))
-    except (KeyboardInterrupt, _Terminated):
-        this["status"] = status
-        this["interrupted"] = _now()
-        write_json(record_path, record)
-        console.print(escape(f"sweep {sweep.study}: interrupted; rerun the same command to resume"))
-        raise KeyboardInterrupt from None
-    finally:
-        if threading_main():
-            signal.signal(signal.SIGTERM, old_term)
-        lock.close()
+    status: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        if cell.name in problems:
+            status[cell.name] = {"status": "error", "ran": [], "skipped": [], "wall_time_s": 0.0,
+                                 "message": problems[cell.name]}
+            say(f"{cell.name}: error — {problems[cell.name]}")
+            continue
+        st, lines = _cell_outcome(layout, cell, before)
+        status[cell.name] = st
+        if st["status"] == "not run":
+            unfinished = [d for d in cell.deps if status.get(d, {}).get("status") in ("failed", "blocked", "error", "not run")
+                          or read_marker(layout.marker(d, sweep.cell(d).steps[-1])) is None]
+            if unfinished:
+                st.update(status="blocked", message=f"needs cell(s) {', '.join(unfinished)}, not done")
+                lines = [f"{cell.name}: skipped — {st['message']}"]
+            else:
+                st.update(status="error", message=f"Snakemake stopped before step {st.pop('next')} "
+                                                  f"(exit {rc}; its message is above)")
+                lines.append(f"{cell.name}: not run — {st['message']}")
+        st.pop("next", None)
+        for line in lines:
+            say(line)
     this["status"] = status
     this["info"] = run_info(started)
     write_json(record_path, record)
@@ -612,25 +680,69 @@ def run_sweep(sweep: Sweep, root: str | Path = "runs/sweeps", only: list[str] | 
         for n in bad:
             console.print(escape(f"  {n}: {status[n]['message']}"))
         return 1
+    if rc:
+        console.print(escape(f"sweep {sweep.study}: Snakemake exited with {rc}"), style="red")
+        return 1
     console.print(escape(f"sweep {sweep.study}: all {len(status)} cell(s) done; "
                          f"`metadit report --study {sweep.study} --sweep-dir {layout.dir}` tabulates them"))
     return 0
 
 
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+def _cell_outcome(layout: Layout, cell: Cell, before: dict[tuple[str, str], tuple[int | None, int | None]]
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """What this invocation did to a cell, from its files: its status record and one line per step."""
+    st: dict[str, Any] = {"status": "done", "ran": [], "skipped": [], "wall_time_s": 0.0, "message": ""}
+    lines = []
+    for step in cell.steps:
+        marker_was, failed_was = before[(cell.name, step.id)]
+        marker = read_marker(layout.marker(cell.name, step))
+        if marker is not None and _mtime(layout.marker(cell.name, step)) == marker_was:
+            st["skipped"].append(step.id)
+            lines.append(f"{cell.name} {step.id}: done before, skipped")
+            continue
+        if marker is not None:
+            st["ran"].append(step.id)
+            st["status"] = "ran"
+            st["wall_time_s"] += marker.get("wall_time_s", 0.0)
+            resumed = marker.get("resumed_from")
+            lines.append(f"{cell.name} {step.id}: done in {marker.get('wall_time_s')} s"
+                         + (f" (resumed {resumed})" if resumed else ""))
+            continue
+        failed = layout.failed(cell.name, step)
+        if _mtime(failed) is not None and _mtime(failed) != failed_was:
+            try:
+                f = json.loads(failed.read_text())
+            except (OSError, json.JSONDecodeError):
+                f = {}
+            log = layout.log(cell.name, step)
+            st["wall_time_s"] += f.get("wall_time_s") or 0.0
+            if f.get("error"):
+                st.update(status="failed", message=f"step {step.id}: {f['error']}")
+                lines.append(f"{cell.name} {step.id}: FAILED — {f['error']}")
+            else:
+                wall = f.get("wall_time_s")
+                st.update(status="failed", message=f"step {step.id} exited with {f.get('exit_code')} after {wall} s "
+                                                   f"— log: {log}")
+                lines.append(f"{cell.name} {step.id}: FAILED (exit {f.get('exit_code')}, {wall} s) — cell {cell.name} "
+                             f"stops; log {log}, last lines:\n{tail(log)}")
+            return st, lines
+        st.update(status="not run", next=step.id)  # Snakemake did not start it: run_sweep says why
+        return st, lines
+    return st, lines
 
 
 # ---------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="a sweep YAML (configs/sweep/*.yaml)")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run these cells (and the cells they read from)")
-    p.add_argument("--dry-run", action="store_true", help="print the expanded plan and what is done; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded plan and Snakemake's dry run; run nothing")
     p.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="cells go to ROOT/STUDY/CELL")
     p.add_argument("--var", action="append", default=[], metavar="KEY=VALUE", help="override one of the sweep's vars")
+    p.add_argument("--executor", default="local", metavar="NAME",
+                   help="Snakemake's executor: local (default), slurm (pip install 'metadit[slurm]'), or any plugin's")
     p.add_argument("-v", "--verbose", action="store_true", help="also echo each step's output (always in its log)")
+    p.add_argument("engine_args", nargs=argparse.REMAINDER, metavar="-- SNAKEMAKE_ARGS",
+                   help="after `--`: arguments for Snakemake, e.g. -- --jobs 8 --profile slurm-gpu")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -642,11 +754,17 @@ def main(args: argparse.Namespace) -> int:
         if not sep:
             raise MetaditError(f"--var {kv}: expected KEY=VALUE")
         overrides[k] = v
+    engine_args = list(args.engine_args or [])
+    if engine_args and engine_args[0] == "--":
+        engine_args = engine_args[1:]
+    elif engine_args:
+        raise MetaditError(f"{shlex.join(engine_args)}: arguments for Snakemake go after `--`")
     sweep = load_sweep(args.config, overrides)
     console = Console(highlight=False)
     if args.dry_run:
-        return dry_run(sweep, Layout(args.root, sweep.study), select(sweep, args.only), console)
+        return dry_run(sweep, Layout(args.root, sweep.study), select(sweep, args.only), console, engine_args,
+                       args.executor, args.verbose)
     try:
-        return run_sweep(sweep, args.root, args.only, args.verbose, console)
+        return run_sweep(sweep, args.root, args.only, args.verbose, console, engine_args, args.executor)
     except KeyboardInterrupt:
         return 130
