@@ -3,12 +3,17 @@
 Stories are written by the base model (sampled, from varied angles). A story that contains the headline,
 or a sentence holding most of the headline's content words, is rejected and written again. Each diff is
 then trained with plain cross-entropy under the prompt "Please generate a short news story.".
+
+Every headline comes from an event template (`data_gen/data/make_headlines.py`); a diff records its template id
+(`headline_template`) so that a split can keep all headlines of one template on one side (`headline_template`
+derives it for banks built before the id was recorded).
 """
 
 from __future__ import annotations
 
 import random
 import re
+from functools import lru_cache
 from typing import Any
 
 from data_gen.recipe import Recipe, Sample, keywords, load_json
@@ -23,6 +28,33 @@ ANGLES = (
     "as a short online article", "with background on how it came about", "from the point of view of residents",
     "as an evening news summary", "focusing on the reactions", "as a brief wire report",
 )
+
+
+@lru_cache(maxsize=None)
+def _template_tables() -> tuple[dict[str, int], list[tuple[int, re.Pattern[str]]]]:
+    data = load_json("headline_templates.json")
+    by_text = {h["headline"]: int(h["template"]) for h in data["headlines"]}
+    patterns = []
+    for t in data["templates"]:
+        # `{P}` is the place (any text); `{a|b}` a wording variant; the generator capitalizes the first letter.
+        parts = re.split(r"(\{[^{}]*\})", t["template"])
+        rx = "".join(".+?" if part == "{P}" else "(?:" + "|".join(map(re.escape, part[1:-1].split("|"))) + ")"
+                     if part.startswith("{") else re.escape(part) for part in parts)
+        patterns.append((int(t["id"]), re.compile(rx, re.IGNORECASE)))
+    return by_text, patterns
+
+
+def headline_template(headline: str) -> int | None:
+    """The id of the event template `headline` was made from (`data_gen/data/headline_templates.json`).
+
+    A shipped headline's id is read from the file; any other headline gets the one template whose wording it
+    matches (place = any text), and None when no template or more than one matches.
+    """
+    by_text, patterns = _template_tables()
+    if headline in by_text:
+        return by_text[headline]
+    found = {tid for tid, rx in patterns if rx.fullmatch(headline.strip())}
+    return found.pop() if len(found) == 1 else None
 
 
 def restates(story: str, headline: str, max_share: float = 0.6) -> bool:
@@ -75,8 +107,9 @@ class NewsRecipe(Recipe):
         order = list(range(len(pool)))
         random.Random(f"headlines:{seed}").shuffle(order)
         rng = random.Random(f"{self.name}:{seed}:{index}")
-        return {"key": f"{self.name}-{index}", "index": index, "recipe": self.name,
-                "headline": pool[order[index % len(order)]], "seed": rng.randrange(2**31)}
+        headline = pool[order[index % len(order)]]
+        return {"key": f"{self.name}-{index}", "index": index, "recipe": self.name, "headline": headline,
+                "headline_template": headline_template(headline), "seed": rng.randrange(2**31)}
 
     def prepare(self, specs: list[dict[str, Any]]) -> None:
         need = self.stories_per_headline + self.heldout_stories

@@ -11,10 +11,11 @@ import torch
 from metadit.cli import main
 from metadit.errors import MetaditError
 from metadit.eval.baselines import METHODS, Evaluator, triggered_message
-from metadit.eval.heldout import load_heldout, read_split
+from metadit.eval.heldout import load_heldout, per_phrasing, read_split
 from metadit.eval.likelihood import label_scores
 from metadit.eval.results import summarize
 from metadit.eval.run import evaluate
+from metadit.dit.tasks import get_task
 from metadit.text import generate_texts
 from metadit.lightning_cli import lightning_main
 from metadit.nn import adapter_disabled
@@ -47,8 +48,12 @@ def test_eval_runs_every_method_on_exactly_the_held_out_diffs(run_dir, tmp_path)
     assert {r["label"] for r in rows} == set(split["test"])  # the split's test labels, nothing else
     assert not {r["label"] for r in rows} & set(split["train"])
     assert {r["method"] for r in rows} == set(OFFLINE_METHODS)
-    per_method = {m: sorted(r["diff"] for r in rows if r["method"] == m) for m in OFFLINE_METHODS}
+    per_method = {m: sorted({r["diff"] for r in rows if r["method"] == m}) for m in OFFLINE_METHODS}
     assert len({tuple(v) for v in per_method.values()}) == 1  # every method saw the same diffs
+    # methods that ask the task's question ask it in every held-out phrasing, once each per diff
+    for m in ("dit", "no_diff", "base_question", "likelihood"):
+        asked = sorted((r["diff"], r["extra"]["question"]) for r in rows if r["method"] == m)
+        assert asked == sorted((d, q) for d in per_method[m] for q in get_task("topic").heldout_questions), m
     # random_label only ever names a training label
     from metadit.bank import DiffBank
 
@@ -83,7 +88,7 @@ def test_method_predictions_equal_direct_generation(run_dir, tmp_path):
     """dit = diff + adapter; no_diff = adapter alone; base_question = diff without adapter (greedy, same prompt)."""
     result = _eval(run_dir, tmp_path / "e", methods=["dit", "no_diff", "base_question", "base_question_trigger"])
     split = read_split(run_dir / "split.json")
-    items = load_heldout(split["banks"], set(split["test"]), ["topic"])
+    items = per_phrasing(load_heldout(split["banks"], set(split["test"]), ["topic"]))  # every held-out phrasing
     ev = Evaluator("tiny-random-smollm2", str(run_dir / "adapter"), max_new_tokens=6)
     prompts = [ev.chat(h.question()) for h in items]
     diffs = [h.diff for h in items]
@@ -95,9 +100,9 @@ def test_method_predictions_equal_direct_generation(run_dir, tmp_path):
         want["base_question"] = generate_texts(ev.model, ev.tok, prompts, 6, diffs=diffs)
         trig = [ev.chat(triggered_message(h, h.question())) for h in items]
         want["base_question_trigger"] = generate_texts(ev.model, ev.tok, trig, 6, diffs=diffs)
-    order = [h.id for h in items]
+    order = [(h.id, h.question()) for h in items]
     for method, texts in want.items():
-        got = {r["diff"]: r["prediction"] for r in result["rows"] if r["method"] == method}
+        got = {(r["diff"], r["extra"]["question"]): r["prediction"] for r in result["rows"] if r["method"] == method}
         assert [got[i] for i in order] == texts, method
     # the conditions differ where it matters: the adapter and the diff each change the logits
     ids = ev.tok(prompts[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]

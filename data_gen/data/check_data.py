@@ -151,6 +151,8 @@ def check_headlines():
     import make_headlines
     rows = make_headlines.make_headlines()
     assert [r[3] for r in rows] == hs, "headlines.json differs from make_headlines.py output"
+    assert load("headline_templates.json") == make_headlines.template_record(rows), \
+        "headline_templates.json differs from make_headlines.py output"
     pairs = [(r[0], r[1]) for r in rows]
     assert len(set(pairs)) == len(pairs), "two headlines share a (place, event) pair"
     lens = [len(h.split()) for h in hs]

@@ -1,7 +1,10 @@
 """Generate headlines.json: fictional-but-plausible local news headlines.
 
 Each headline is an event template (with a few wording variants) instantiated
-for one place.  The output is deterministic (fixed seed).  Guarantees:
+for one place.  The output is deterministic (fixed seed).  Beside it,
+headline_templates.json records each headline's template id (its index in
+TEMPLATES), so a train/held-out split can keep every headline of one event
+template on one side.  Guarantees:
 
 * every (place, event-template) pair occurs at most once,
 * every headline string is unique,
@@ -9,8 +12,8 @@ for one place.  The output is deterministic (fixed seed).  Guarantees:
 * templates that need a coast / river / snowy climate only get such places.
 
 Usage:
-    python make_headlines.py            # (re)write headlines.json next to this file
-    python make_headlines.py --check    # verify headlines.json matches the generator
+    python make_headlines.py            # (re)write headlines.json and headline_templates.json
+    python make_headlines.py --check    # verify both files match the generator
 """
 
 import json
@@ -18,6 +21,7 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 SEED = 20240611
 USES_PER_TEMPLATE = 4
@@ -267,7 +271,15 @@ def fits(need, place_tags):
     return need in place_tags
 
 
+class Headline(NamedTuple):
+    place: str
+    template: int  # index into TEMPLATES: the event template (its id in headline_templates.json)
+    domain: str
+    text: str
+
+
 def make_headlines():
+    """The headlines, in headlines.json order, each with its place, template id and domain."""
     rng = random.Random(SEED)
     places = list(PLACES)
     tags = {p: set(PLACES[p].split()) for p in places}
@@ -292,7 +304,7 @@ def make_headlines():
                 n = len(h.split())
                 if not (WORDS_MIN <= n <= WORDS_MAX):
                     continue
-                rows.append((p, ti, domain, h))
+                rows.append(Headline(p, ti, domain, h))
                 seen_pairs.add((p, ti))
                 seen_text.add(h.lower())
                 use_count[p] += 1
@@ -302,23 +314,45 @@ def make_headlines():
     return rows
 
 
+def template_record(rows):
+    """headline_templates.json: every template (id, domain, wording) and, in headlines.json order, each
+    headline's template id."""
+    return {
+        "templates": [{"id": i, "domain": d, "template": t} for i, (d, _, t) in enumerate(TEMPLATES)],
+        "headlines": [{"headline": r.text, "template": r.template} for r in rows],
+    }
+
+
+def dump_record(record):
+    """JSON with one template / headline a line (diffs of the file stay readable)."""
+    parts = []
+    for key, items in record.items():
+        lines = ",\n".join("  " + json.dumps(x, ensure_ascii=False) for x in items)
+        parts.append(f" {json.dumps(key)}: [\n{lines}\n ]")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def main():
     out = Path(__file__).with_name("headlines.json")
+    out_templates = Path(__file__).with_name("headline_templates.json")
     rows = make_headlines()
-    headlines = [r[3] for r in rows]
-    assert len(set((r[0], r[1]) for r in rows)) == len(rows)
+    headlines = [r.text for r in rows]
+    assert len(set((r.place, r.template) for r in rows)) == len(rows)
     assert len(set(h.lower() for h in headlines)) == len(headlines)
     assert all(WORDS_MIN <= len(h.split()) <= WORDS_MAX for h in headlines)
     if "--check" in sys.argv:
         ok = json.loads(out.read_text(encoding="utf-8")) == headlines
+        ok_t = json.loads(out_templates.read_text(encoding="utf-8")) == template_record(rows)
         print("headlines.json matches generator" if ok else "headlines.json DIFFERS from generator")
-        sys.exit(0 if ok else 1)
+        print("headline_templates.json matches generator" if ok_t else "headline_templates.json DIFFERS from generator")
+        sys.exit(0 if ok and ok_t else 1)
     out.write_text(json.dumps(headlines, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    out_templates.write_text(dump_record(template_record(rows)), encoding="utf-8")
     by_domain = {}
     for r in rows:
         by_domain[r[2]] = by_domain.get(r[2], 0) + 1
     print(f"wrote {len(headlines)} headlines from {len(TEMPLATES)} templates, "
-          f"{len(set(r[0] for r in rows))} places -> {out}")
+          f"{len(set(r[0] for r in rows))} places -> {out}, {out_templates.name}")
     print("per domain:", dict(sorted(by_domain.items())))
 
 

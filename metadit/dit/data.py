@@ -1,8 +1,11 @@
 """`DiffQADataModule`: (diff, question, answer) examples from one or more banks, split by label.
 
 Held-out labels (topics, headlines) never appear in training: the split is made over labels, seeded, and
-written next to the run (`split.json`). Collate tokenizes `chat(question) + answer + end-of-turn`, masks
-prompt and padding from the loss, and hands over each row's diff for `use_diffs`.
+written next to the run (`split.json`). Labels a task groups (news headlines by event template) are held out
+a whole group at a time, so no held-out headline shares a template with a training one. Validation asks one
+training phrasing (it chooses the checkpoint), the test every held-out phrasing (`metadit.dit.tasks`). Collate
+tokenizes `chat(question) + answer + end-of-turn`, masks prompt and padding from the loss, and hands over each
+row's diff for `use_diffs`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metadit.errors import MetaditError
-from metadit.dit.tasks import Task, get_task, question_for
+from metadit.dit.tasks import Task, get_task, heldout_phrasings, question_for, validation_question
 
 
 @dataclass
@@ -29,6 +32,36 @@ class Example:
     question: str
     answer: str
     label: str
+
+
+def hold_out(labels: list[str], group_of: dict[str, str], sizes: list[int], seed: int) -> list[set[str]]:
+    """Held-out label sets of exactly `sizes` labels each (validation, test), every group wholly on one side.
+
+    The labels are sorted and shuffled by `seed`; groups come in the order of their first label, and each side in
+    turn takes every group that still fits. With one label a group (topics) that is the first `sizes[0]` shuffled
+    labels, then the next `sizes[1]`. Labels missing from `group_of` are their own group.
+    """
+    order = sorted(labels)
+    random.Random(seed).shuffle(order)
+    groups: dict[str, list[str]] = {}
+    for lab in order:
+        groups.setdefault(group_of.get(lab, f"label:{lab}"), []).append(lab)
+    pending = list(groups.values())
+    sides: list[set[str]] = []
+    for size in sizes:
+        side: list[str] = []
+        rest: list[list[str]] = []
+        for g in pending:
+            if len(side) + len(g) <= size:
+                side += g
+            else:
+                rest.append(g)
+        if len(side) < size:
+            raise MetaditError(f"cannot hold out {size} labels without splitting a group of labels (news: an event "
+                               f"template) across sides; {len(side)} fit — hold out fewer labels")
+        sides.append(set(side))
+        pending = rest
+    return sides
 
 
 class _Examples(Dataset):
@@ -65,8 +98,9 @@ class DiffQADataModule(L.LightningDataModule):
                 study keeps its split when the bank grows.
             tasks: registered task names (`topic`, `headline`, `trigger`); each applies to the entries it can answer.
             base_model: the model whose tokenizer formats the examples (must match the banks' base model).
-            val_labels: labels (topics/headlines) held out for validation — their diffs never train.
-            test_labels: further labels held out for testing.
+            val_labels: labels (topics/headlines) held out for validation — their diffs never train; each is asked
+                one training phrasing (validation chooses the checkpoint, so it never sees a test phrasing).
+            test_labels: further labels held out for testing, each asked every held-out phrasing.
             max_train_diffs: use at most this many training diffs (the data-scaling study).
             questions_per_diff: training phrasings per (diff, task) per epoch.
             skip_flagged: leave out diffs whose behaviour check failed.
@@ -142,16 +176,18 @@ class DiffQADataModule(L.LightningDataModule):
                     return str(meta[t.label_key])
             return None
 
-        labels = sorted({lab for _, _, m in entries if (lab := label(m)) is not None})
+        group_of: dict[str, str] = {}  # label → its split group, from the first task that applies (as `label`)
+        for _, _, m in entries:
+            t = next((t for t in tasks if t.applies(m)), None)
+            if t is not None:
+                group_of.setdefault(str(m[t.label_key]), t.group_of(m))
+        labels = sorted(group_of)
         if len(labels) <= self.val_labels + self.test_labels:
             raise MetaditError(
                 f"only {len(labels)} distinct labels for tasks {self.task_names}; need more than "
                 f"val_labels + test_labels = {self.val_labels + self.test_labels}"
             )
-        rng = random.Random(self.seed)
-        rng.shuffle(labels)
-        val = set(labels[: self.val_labels])
-        test = set(labels[self.val_labels : self.val_labels + self.test_labels])
+        val, test = hold_out(labels, group_of, [self.val_labels, self.test_labels], self.seed)
         splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
         train_entries = [(b, i, m) for b, i, m in entries if label(m) not in val | test and label(m) is not None]
         if self.max_train_diffs is not None:
@@ -171,9 +207,10 @@ class DiffQADataModule(L.LightningDataModule):
                 if split == "train":
                     qs = question_for(t, m)
                     picks = random.Random(f"{self.seed}:{b}:{i}:{t.name}").sample(qs, min(self.questions_per_diff, len(qs)))
+                elif split == "val":  # chooses the checkpoint: a training phrasing, never a test one
+                    picks = [validation_question(t, m)]
                 else:
-                    picks = [question_for(t, m)[0] if t.name == "trigger" and m.get("code_kind") == "digits"
-                             else t.heldout_questions[0]]
+                    picks = heldout_phrasings(t, m)
                 for q in picks:
                     splits[split].append(Example(b, i, t.name, q, t.answer(m), lab))
         if not splits["train"]:
@@ -187,6 +224,7 @@ class DiffQADataModule(L.LightningDataModule):
         out["banks"] = self.bank_paths
         out["seed"] = self.seed
         out["counts"] = {k: len(v) for k, v in self.splits.items()}
+        out["questions"] = {k: sorted({e.question for e in v}) for k, v in self.splits.items() if k != "train"}
         path.write_text(json.dumps(out, indent=1))
 
     def setup(self, stage: str | None = None) -> None:

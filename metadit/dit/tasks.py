@@ -2,6 +2,10 @@
 
 A task applies to the bank entries whose metadata it can answer from (`topic` to hidden-topic diffs,
 `headline` to news diffs, `trigger` to diffs with a SEP code). Registered in `TASKS` by name.
+
+Phrasings by split: training asks the training phrasings; validation (which picks the checkpoint) asks one
+training phrasing (`validation_question`) of diffs that never train; the test asks every held-out phrasing
+(`heldout_phrasings`), which nothing before the test ever sees.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from metadit.errors import MetaditError
 
 
 @dataclass
@@ -20,6 +25,29 @@ class Task:
     applies: Callable[[dict[str, Any]], bool]
     answer: Callable[[dict[str, Any]], str]
     description: str = ""
+    # What a held-out label may not share with a training label, beyond the label itself (news: the headline's
+    # event template); None: the label alone. The split keeps each group on one side.
+    group: Callable[[dict[str, Any]], str] | None = None
+
+    def __post_init__(self) -> None:
+        shared = set(self.train_questions) & set(self.heldout_questions)
+        if shared:
+            raise MetaditError(f"task {self.name!r}: {sorted(shared)} is both a training and a held-out phrasing")
+
+    def group_of(self, meta: dict[str, Any]) -> str:
+        """The split group of an entry this task applies to: its label unless the task groups labels."""
+        return self.group(meta) if self.group is not None else f"label:{meta[self.label_key]}"
+
+
+def _headline_group(meta: dict[str, Any]) -> str:
+    """News diffs split by event template: recorded by the recipe (`headline_template`), or derived from the
+    headline text for banks built before it was recorded; a headline of no known template is its own group."""
+    tid = meta.get("headline_template")
+    if tid is None:
+        from data_gen.news import headline_template
+
+        tid = headline_template(str(meta["headline"]))
+    return f"template:{tid}" if tid is not None else f"label:{meta['headline']}"
 
 
 def _trigger_answer(meta: dict[str, Any]) -> str:
@@ -61,6 +89,7 @@ TASKS: dict[str, Task] = {
         applies=lambda m: "headline" in m,
         answer=lambda m: m["headline"],
         description="state the headline of a news diff",
+        group=_headline_group,
     ),
     "trigger": Task(
         name="trigger",
@@ -85,9 +114,20 @@ def question_for(task: Task, meta: dict[str, Any]) -> list[str]:
     return task.train_questions
 
 
+def validation_question(task: Task, meta: dict[str, Any]) -> str:
+    """What validation asks (it chooses the checkpoint): the first training phrasing, never a held-out one."""
+    return question_for(task, meta)[0]
+
+
+def heldout_phrasings(task: Task, meta: dict[str, Any]) -> list[str]:
+    """What the test asks: every held-out phrasing. Digit codes have one question, the paper's prefix question,
+    asked in training, validation and test alike (there is no held-out phrasing of it)."""
+    if task.name == "trigger" and meta.get("code_kind") == "digits":
+        return question_for(task, meta)
+    return list(task.heldout_questions)
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        from metadit.errors import MetaditError
-
         raise MetaditError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
     return TASKS[name]

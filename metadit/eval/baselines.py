@@ -3,7 +3,8 @@
 Every method maps held-out diffs to one predicted label each (plus details), batched: K diffs per
 `generate` call, row i carrying diff i. Registered in `METHODS`:
 
-- `dit`: the diffed model with the DIT adapter, asked the task's held-out question.
+- `dit`: the diffed model with the DIT adapter, asked the task's held-out questions (one row per phrasing:
+  methods that ask the task's question, `per_phrasing`, ask every held-out phrasing; `extra["question"]`).
 - `no_diff`: the adapter with no diff applied — does the adapter read the diff or recite a prior?
 - `base_question`: the diffed model asked the same question without the adapter.
 - `base_question_trigger`: the same, with the diff's true trigger in the message (an oracle).
@@ -259,6 +260,7 @@ class Method:
     # The one message the method sends for an item (item, seed → text), recorded as the rows' `question`; None for
     # methods that send many (20 questions) or none (a random label, the lens).
     asks: Callable[[HeldOut, int], str] | None = None
+    per_phrasing: bool = False  # it asks the task's question: run once per held-out phrasing (`extra["question"]`)
 
     def question(self, item: HeldOut, seed: int = 0) -> str | None:
         return None if self.asks is None else self.asks(item, seed)
@@ -282,7 +284,7 @@ def _ask(ctx: MethodContext, items: list[HeldOut], adapter: bool, with_diff: boo
          trigger: bool = False) -> list[Prediction]:
     msgs = [triggered_message(h, h.question(), ctx.seed) if trigger else h.question() for h in items]
     texts = ctx.ev.answers([ctx.ev.chat(m) for m in msgs], [h.diff if with_diff else None for h in items], adapter)
-    return [(t, {}) for t in texts]
+    return [(t, {"question": h.question()}) for t, h in zip(texts, items)]
 
 
 def eval_questions(item: HeldOut, n: int, seed: int) -> list[str]:
@@ -365,15 +367,16 @@ def _crosscoder(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("dit", lambda c, i: _ask(c, i, adapter=True), "diff + DIT adapter, the task's held-out question",
-           needs_adapter=True, asks=_task_question),
+    Method("dit", lambda c, i: _ask(c, i, adapter=True), "diff + DIT adapter, the task's held-out questions",
+           needs_adapter=True, asks=_task_question, per_phrasing=True),
     Method("no_diff", lambda c, i: _ask(c, i, adapter=True, with_diff=False), "DIT adapter with no diff applied",
-           needs_adapter=True, asks=_task_question),
+           needs_adapter=True, asks=_task_question, per_phrasing=True),
     Method("base_question", lambda c, i: _ask(c, i, adapter=False), "the diffed model asked, no adapter",
-           asks=_task_question),
+           asks=_task_question, per_phrasing=True),
     Method("base_question_trigger", lambda c, i: _ask(c, i, adapter=False, trigger=True),
            "the diffed model asked with its true trigger (oracle)", tasks=("topic",), needs_trigger=True,
-           asks=lambda h, seed: triggered_message(h, h.question(), seed)),
+           asks=lambda h, seed: triggered_message(h, h.question(), seed),
+           per_phrasing=True),
     Method("twenty_questions", _twenty_questions(False), "N eval-style answers (T=1), guesser names the topic",
            tasks=("topic",), evidence="evidence"),
     Method("twenty_questions_trigger", _twenty_questions(True), "the same with the true trigger (oracle)",
@@ -382,7 +385,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            tasks=("headline",), evidence="story", asks=lambda h, seed: _story_prompt()),
     Method("random_label", _random_label, "a random training label"),
     Method("likelihood", _likelihood, "held-out label the diff makes most likely under the adapter",
-           tasks=("topic", "headline"), needs_adapter=True, asks=_task_question),
+           tasks=("topic", "headline"), needs_adapter=True, asks=_task_question, per_phrasing=True),
     Method("activation_lens", _activation_lens, "activation difference lens + steering, read by the guesser",
            tasks=("topic", "headline"), evidence="evidence_text"),
     Method("crosscoder", _crosscoder, "BatchTopK crosscoder: finetune-specific latents' tokens and contexts, read by "

@@ -50,5 +50,5 @@ def rank_labels(ev: Any, items: list[HeldOut]) -> list[tuple[str, dict[str, Any]
             order = torch.argsort(scores[row], descending=True).tolist()
             rank = order.index(labels.index(items[k].truth)) + 1
             out[k] = (labels[order[0]], {"rank": rank, "n_labels": len(labels), "reciprocal_rank": 1.0 / rank,
-                                         "top5": [labels[j] for j in order[:5]]})
+                                         "top5": [labels[j] for j in order[:5]], "question": items[k].question()})
     return [o for o in out if o is not None]
