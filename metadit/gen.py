@@ -269,8 +269,8 @@ def generate_bank(
         train: rank, steps, learning rate and loss settings of each diff (or `full_finetune` + `store_rank`).
         seed: the bank's seed; each diff's spec is a function of (recipe, seed, index).
         store_dtype: dtype of the stored factors (float32 or bfloat16).
-        processes: `metadit gen --processes N` launches N ranks on this machine with torchrun (`launch_ranks`);
-            inside a rank (and from Python) it must be 1 or the ranks' own.
+        processes: N > 1: `metadit gen --processes N` launches N ranks on this machine with torchrun
+            (`launch_ranks`); a rank under torchrun ignores it, and outside torchrun it must be 1.
         rank: this worker's rank, when not run by torchrun (which sets RANK and WORLD_SIZE).
         world_size: number of workers, when not run by torchrun.
         threads: torch threads per process (default: cores / processes on this machine).
@@ -465,7 +465,8 @@ def _rank0_first(world_size: int, rank: int) -> Iterator[None]:
     if world_size == 1 or "MASTER_ADDR" not in os.environ:
         yield
         return
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("gloo")
     try:
         if rank != 0:
@@ -474,7 +475,8 @@ def _rank0_first(world_size: int, rank: int) -> Iterator[None]:
         if rank == 0:
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 def validate_recipe(recipe: Any, base_model: str) -> None:
