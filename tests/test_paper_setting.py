@@ -4,6 +4,7 @@ model given as a config alone (random weights, nothing downloaded)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 from metadit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the device test runs: cpu here; scripts/device_check.sh sets cuda on a GPU machine.
+TEST_DEVICE = os.environ.get("METADIT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture
@@ -29,6 +32,7 @@ def no_weights(monkeypatch):
 
 
 def test_qwen3_gen_configs_are_the_papers_setting(no_weights):
+    pytest.importorskip("jsonargparse")
     from metadit.gen import gen_parser
 
     parser = gen_parser()
@@ -50,6 +54,7 @@ def test_qwen3_gen_configs_are_the_papers_setting(no_weights):
 
 
 def test_qwen3_fit_config_is_rank_16_lr_1e4_one_epoch(no_weights):
+    pytest.importorskip("jsonargparse")
     from metadit.dit import DITModule
     from metadit.dit.data import DiffQADataModule
     from metadit.lightning_cli import DITCLI
@@ -140,3 +145,34 @@ def test_bench_gen_runs_on_a_config_alone(tmp_path):
     assert res["random_weights"] and res["layers"] == 1 and "random tokens" in res["what"]
     assert set(res["variants"]) == {"batched K=2", "peft 1 diff x 2 rows"}
     assert all(v["diffs_per_hour"] > 0 for v in res["variants"].values())
+
+
+def test_per_row_diffs_and_their_training_step_on_the_test_device():
+    """On METADIT_TEST_DEVICE: batch row i under diff i equals the model with diff i merged into its weights (fp32),
+    and one K-diff training step (TrainableDiffs + row_losses, CE and KL rows) runs there with finite gradients."""
+    from metadit.nn import TrainableDiffs, layer_shapes, patch_model, use_diffs
+    from metadit.text import row_losses
+    from tests.conftest import merged_copy, random_diff, target_shapes, tiny_qwen3
+
+    device = torch.device(TEST_DEVICE)
+    base = tiny_qwen3().to(device)
+    diffs = [random_diff(target_shapes(base), rank, seed=rank) for rank in (1, 2, 3)]
+    refs = [merged_copy(base, d) for d in diffs]
+    model = merged_copy(base, None)
+    patch_model(model)
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        with use_diffs(model, diffs):
+            got = model(ids).logits
+        for i, ref in enumerate(refs):
+            torch.testing.assert_close(got[i : i + 1], ref(ids[i : i + 1]).logits, rtol=1e-4, atol=1e-4)
+    trainable = TrainableDiffs(layer_shapes(model), 3, 1, row_seeds=[1, 2, 3], device=device)
+    weights = torch.zeros(3, 10, device=device)
+    weights[:, 6:] = 1.0
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "weights": weights}
+    losses = row_losses(model, batch, ["ce", "kl", "ce"], trainable)
+    assert losses.device.type == device.type and torch.isfinite(losses).all()
+    assert losses[1].abs() < 1e-5  # B starts at zero: the KL row's diff is zero, so is its KL to the base model
+    losses.sum().backward()
+    grads = [b.grad for b in trainable.B]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -338,6 +338,7 @@ _THINKING_TEMPLATE = (
 
 
 def test_no_thinking_chat_format_renders_prompts_as_the_reference_did():
+    pytest.importorskip("gguf")  # the tiny model's tokenizer comes from the embedded GGUF file
     from metadit.models import TINY_NAME, load_base_model, set_chat_format
     from metadit.text import chat_prompt
 
