@@ -3,6 +3,8 @@
 `--config configs/fit/FILE.yaml`, `--print_config`, `--trainer.*`, `class_path`/`init_args` as usual.
 `model.base_model` is linked to `data.base_model` (the tokenizer must be the model's), and `model.chat_format` is
 computed from `data.banks` (a DIT adapter asks in the chat format its banks' diffs were made with).
+Every run gets the callbacks that write its files (`metadit.dit.callbacks.default_callbacks`: `split.json`,
+`test_predictions.json`, `adapter/`), whatever `trainer.callbacks` says; one the config lists itself is not added twice.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import Any
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from metadit.dit import DiffQADataModule, DITModule
+from metadit.dit.callbacks import default_callbacks
 
 
 def data_chat_format(banks: Sequence[str]) -> str:
@@ -32,6 +38,14 @@ class DITCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base_model", "data.base_model")
         parser.link_arguments("data.banks", "model.chat_format", compute_fn=data_chat_format)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer with `default_callbacks()` after the configured ones, less any whose class (or a subclass) is configured."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        listed = config["trainer"].get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        added = [cb for cb in default_callbacks() if not any(isinstance(c, type(cb)) for c in listed)]
+        return super().instantiate_trainer(**{"callbacks": [*listed, *added], **kwargs})
 
 
 def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:
