@@ -12,14 +12,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from metadit.dit import DiffQADataModule, DITModule
-from metadit.dit.callbacks import default_callbacks
+from metadit.dit.callbacks import HeldOutAnswers, default_callbacks, run_dir
 
 
 def data_chat_format(banks: Sequence[str]) -> str:
@@ -65,8 +64,8 @@ def write_test_rows(cli: DITCLI) -> Path | None:
 
     from metadit.eval.rows import rows_from_test_predictions, write_rows
 
-    run_dir = cli.model.run_dir() if getattr(cli.model, "_trainer", None) is not None else None
-    preds_file = run_dir / "test_predictions.json" if run_dir is not None else None
+    out = run_dir(cli.trainer)
+    preds_file = out / HeldOutAnswers.FILENAME if out is not None else None
     if preds_file is None or not preds_file.is_file():
         return None
     preds = json.loads(preds_file.read_text())
@@ -77,7 +76,7 @@ def write_test_rows(cli: DITCLI) -> Path | None:
             entry_id = bank.rows[i]["id"]
             if entry_id in wanted:
                 metas.setdefault(entry_id, bank.meta(i))
-    return write_rows(run_dir / "rows.jsonl", rows_from_test_predictions(preds, metas))
+    return write_rows(out / "rows.jsonl", rows_from_test_predictions(preds, metas))
 
 
 def _cli(subcommand: str, argv: Sequence[str]) -> DITCLI:
