@@ -3,6 +3,8 @@
 `--config configs/fit/FILE.yaml`, `--print_config`, `--trainer.*`, `class_path`/`init_args` as usual.
 `model.base_model` is linked to `data.base_model` (the tokenizer must be the model's), and `model.chat_format` is
 computed from `data.banks` (a DIT adapter asks in the chat format its banks' diffs were made with).
+Every run gets the callbacks that write its files (`metadit.dit.callbacks.default_callbacks`: `split.json`,
+`test_predictions.json`, `adapter/`), whatever `trainer.callbacks` says; one the config lists itself is not added twice.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from metadit.dit import DiffQADataModule, DITModule
+from metadit.dit.callbacks import HeldOutAnswers, default_callbacks, run_dir
 
 
 def data_chat_format(banks: Sequence[str]) -> str:
@@ -33,6 +38,14 @@ class DITCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")
         parser.link_arguments("data.banks", "model.chat_format", compute_fn=data_chat_format)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer with `default_callbacks()` after the configured ones, less any whose class (or a subclass) is configured."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        listed = config["trainer"].get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        added = [cb for cb in default_callbacks() if not any(isinstance(c, type(cb)) for c in listed)]
+        return super().instantiate_trainer(**{"callbacks": [*listed, *added], **kwargs})
+
 
 def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:
     with warnings.catch_warnings():
@@ -51,8 +64,8 @@ def write_test_rows(cli: DITCLI) -> Path | None:
 
     from metadit.eval.rows import rows_from_test_predictions, write_rows
 
-    run_dir = cli.model.run_dir() if getattr(cli.model, "_trainer", None) is not None else None
-    preds_file = run_dir / "test_predictions.json" if run_dir is not None else None
+    out = run_dir(cli.trainer)
+    preds_file = out / HeldOutAnswers.FILENAME if out is not None else None
     if preds_file is None or not preds_file.is_file():
         return None
     preds = json.loads(preds_file.read_text())
@@ -63,7 +76,7 @@ def write_test_rows(cli: DITCLI) -> Path | None:
             entry_id = bank.rows[i]["id"]
             if entry_id in wanted:
                 metas.setdefault(entry_id, bank.meta(i))
-    return write_rows(run_dir / "rows.jsonl", rows_from_test_predictions(preds, metas))
+    return write_rows(out / "rows.jsonl", rows_from_test_predictions(preds, metas))
 
 
 def _cli(subcommand: str, argv: Sequence[str]) -> DITCLI:

@@ -107,7 +107,7 @@ class DiffQADataModule(L.LightningDataModule):
             batch_size: rows per batch (= diffs per forward).
             max_answer_tokens: answers are cut to this many tokens.
             seed: the split and the question choice.
-            split_file: write the split here (default: next to the run, set by DITModule/CLI).
+            split_file: write the split here (default: next to the run, by the `SplitWriter` callback).
             shuffle: shuffle training examples each epoch (off: a fixed order, e.g. to compare runs).
         """
         super().__init__()

@@ -1,29 +1,29 @@
 """`DITModule`: the shared DIT adapter trained while each example's own diff is applied.
 
-A thin LightningModule around plain parts: the patched base model (frozen; every target Linear carries the
-row's diff and the shared adapter, `metadit.nn`) and, for the hypernetwork ablation, a `DiffEncoder`.
-Modes: `dit` (diff applied, no encoder), `encoder` (diff not applied; the encoder's soft tokens are the only
-way the diff gets in), `dit+encoder`. One `step` serves train/val/test. Validation and test also generate
-answers for every held-out diff (K diffs per `generate` call) and score them per task.
+A thin LightningModule around injected parts: the patched base model (`base`, a `PatchedBaseModel`: frozen, every
+target Linear carries the row's diff and the shared adapter, `metadit.nn`), loaded in `configure_model`, and, for the
+hypernetwork ablation, a `DiffEncoder`. Modes: `dit` (diff applied, no encoder), `encoder` (diff not applied; the
+encoder's soft tokens are the only way the diff gets in), `dit+encoder`. One `step` (the loss) serves
+train/val/test; `answer` generates under a batch of diffs (K diffs per `generate` call). Validation also scores
+answers for every held-out diff (`val/dit/TASK/exact`, a metric a checkpoint callback may monitor). What a run
+writes — the split, the test answers, the exported adapter — is done by the callbacks in `metadit.dit.callbacks`.
 """
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
-from pathlib import Path
+import inspect
 from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import torch
-from torchmetrics import MeanMetric
 
 from metadit.errors import MetaditError
 from metadit.models import training_attention
-from metadit.nn import DiffBatch, DiffEncoder, add_adapter, adapter_disabled, get_adapter, layer_shapes, patch_model, use_diffs
-from metadit.dit.tasks import TASKS
-from metadit.text import exact_match
+from metadit.nn import DiffBatch, DiffEncoder, layer_shapes, use_diffs
+from metadit.dit.base import FLAT_KEYS, PatchedBaseModel
+from metadit.dit.scores import AnswerScores
 
 Mode = Literal["dit", "encoder", "dit+encoder"]
 
@@ -46,6 +46,7 @@ class DITModule(L.LightningModule):
         seed: int = 0,
         dtype: str = "auto",
         chat_format: str = "default",
+        base: PatchedBaseModel | None = None,
     ) -> None:
         """
         Args:
@@ -55,47 +56,53 @@ class DITModule(L.LightningModule):
             adapter_alpha: its alpha (None: alpha = rank).
             lr: AdamW learning rate (paper: 1e-4), when no `optimizer` is given.
             weight_decay: AdamW weight decay, when no `optimizer` is given.
+            encoder: the DiffEncoder (the encoder modes; default: a `DiffEncoder()`).
             optimizer: the optimizer over the trainable parameters, from the YAML as LightningCLI writes it
                 (`model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3e-4}}`); default AdamW(lr, weight_decay).
             lr_scheduler: its learning-rate scheduler, the same way (`model.lr_scheduler: {class_path: ...}`); default none.
-            encoder: the DiffEncoder (required for the encoder modes).
             max_new_tokens: answer length when generating.
             generate_in_validation: generate and score answers for held-out diffs at each validation.
-            similarity: also score answers by embedding similarity (the offline MiniLM judge).
+            similarity: also score answers by embedding similarity (the offline MiniLM judge), at validation and test.
             seed: the adapter's initialisation.
             dtype: the base model's dtype (`bfloat16`, `float32`, or `auto`: bf16 where the hardware computes it
                 natively, else fp32).
             chat_format: prompt layout (`default`, `no_system`): the banks' (`metadit gen --chat_format`; the CLI
                 sets it from `data.banks`), recorded with the exported adapter.
+            base: the patched base model, injected (default: a `PatchedBaseModel` from `base_model`, `dtype`,
+                `chat_format`, `adapter_rank`, `adapter_alpha` and `seed`). Given, it sets those keys: each left at
+                its default takes the base's value, one set otherwise must agree with it.
         """
         super().__init__()
         if mode not in ("dit", "encoder", "dit+encoder"):
             raise MetaditError(f"mode must be dit, encoder or dit+encoder, got {mode!r}")
+        flat = {"base_model": base_model, "dtype": dtype, "chat_format": chat_format, "adapter_rank": adapter_rank,
+                "adapter_alpha": adapter_alpha, "seed": seed}
+        injected = base is not None
+        if base is None:
+            base = PatchedBaseModel(**{FLAT_KEYS[k]: v for k, v in flat.items()})
+        else:
+            _check_agrees(flat, base)
         if "encoder" in mode and encoder is None:
             encoder = DiffEncoder()
-        self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["base", "encoder", "optimizer", "lr_scheduler"])
+        if injected:  # the checkpoint and hparams.yaml record the base's values, not the keys' defaults
+            self.save_hyperparameters({**self.hparams, **base.settings()})
+        self.base = base
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.encoder = encoder if "encoder" in mode else None
         self.model: Any = None
         self.tok: Any = None
         self.strict_loading = False  # checkpoints hold only the trainable parts (adapter, encoder)
-        self.metrics = torch.nn.ModuleDict()
-        self.predictions: list[dict[str, Any]] = []
+        self.val_scores = AnswerScores("val", similarity=similarity)
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from metadit.models import load_base_model
-
-        model, tok = load_base_model(self.hparams.base_model, dtype=self.hparams.dtype,
-                                     chat_format=self.hparams.chat_format)
-        patch_model(model)
-        add_adapter(model, self.hparams.adapter_rank, self.hparams.adapter_alpha, seed=self.hparams.seed)
-        self.model, self.tok = model, tok
-        self.shapes = layer_shapes(model)
+        self.model, self.tok = self.base.load()
+        self.shapes = layer_shapes(self.model)
         if self.encoder is not None:
-            self.encoder.configure(model.config.hidden_size)
+            self.encoder.configure(self.model.config.hidden_size)
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -107,22 +114,6 @@ class DITModule(L.LightningModule):
             if formats != {self.hparams.chat_format}:
                 raise MetaditError(f"banks {dm.bank_paths} were made with chat format {sorted(formats)}, the model is set "
                                    f"to {self.hparams.chat_format!r}: set model.chat_format to the banks'")
-            run_dir = self.run_dir()
-            if run_dir is not None:
-                dm.write_split(run_dir / "split.json")
-
-    def run_dir(self) -> Path | None:
-        """The run's log directory on the global-zero process, else None.
-
-        Read from the logger directly: `Trainer.log_dir` broadcasts, which deadlocks when only rank 0 asks.
-        """
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return None
-        if trainer.loggers:
-            d = trainer.loggers[0].log_dir
-            return Path(d) if d else None
-        return Path(trainer.default_root_dir) if trainer.default_root_dir else None
 
     def trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
@@ -194,7 +185,7 @@ class DITModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.step(batch, "train")
 
-    # ------------------------------------------------------------------ answers and scores
+    # ------------------------------------------------------------------ answers
     @torch.no_grad()
     def answer(self, prompts: list[str], diffs: list[Any] | None, use_adapter: bool = True) -> list[str]:
         """Greedy answers; row i under `diffs[i]` (None: no diff at all), with or without the adapter."""
@@ -206,96 +197,28 @@ class DITModule(L.LightningModule):
             return generate_texts(self.model, self.tok, prompts, self.hparams.max_new_tokens,
                                   batch_size=max(1, len(prompts)), adapter=use_adapter, embed=embed)
 
-    def _metric(self, name: str) -> MeanMetric:
-        key = name.replace("/", "__")
-        if key not in self.metrics:
-            self.metrics[key] = MeanMetric().to(self.device)
-        return self.metrics[key]
-
-    def score(self, stage: str, condition: str, batch: dict[str, Any], answers: list[str]) -> list[dict[str, Any]]:
-        sims = [float("nan")] * len(answers)
-        if self.hparams.similarity:
-            from metadit.text.embed import similarities
-
-            sims = similarities(answers, batch["answers"])
-        rows = []
-        for i, (a, truth, task) in enumerate(zip(answers, batch["answers"], batch["tasks"])):
-            exact = float(exact_match(a, truth))
-            self._metric(f"{stage}/{condition}/{task}/exact").update(exact)
-            if self.hparams.similarity:
-                self._metric(f"{stage}/{condition}/{task}/similarity").update(sims[i])
-            rows.append({"condition": condition, "task": task, "truth": truth, "answer": a, "exact": exact,
-                         "similarity": sims[i], "label": batch["labels_text"][i]})
-        return rows
-
-    def _log_metrics(self, stage: str) -> None:
-        for key, metric in list(self.metrics.items()):
-            name = key.replace("__", "/")
-            if name.startswith(stage + "/") and metric.update_called:
-                self.log(name, metric.compute(), sync_dist=True)
-                metric.reset()
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.step(batch, "val")
         if self.hparams.generate_in_validation and not self.trainer.sanity_checking:
-            self.score("val", "dit", batch, self.answer(batch["prompts"], batch["diffs"]))
+            self.val_scores.update("dit", batch, self.answer(batch["prompts"], batch["diffs"]), self.device)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
+        self.val_scores.log(self)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """DIT against its two controls on the same held-out diffs: the diffed model asked without the adapter
-        (does the diff answer by itself?) and the adapter with no diff (does the adapter recite a prior?)."""
+        """The held-out diffs' loss; their answers under DIT and its controls are the `HeldOutAnswers` callback's."""
         self.step(batch, "test")
-        n = len(batch["prompts"])
-        conditions = {
-            "dit": (batch["diffs"], True),
-            "no_adapter": (batch["diffs"], False),
-            "no_diff": ([None] * n, True),
-        }
-        for cond, (diffs, use_adapter) in conditions.items():
-            rows = self.score("test", cond, batch, self.answer(batch["prompts"], diffs, use_adapter=use_adapter))
-            for r, d in zip(rows, batch["diffs"]):
-                r["diff"] = d.info.get("id")
-            self.predictions += rows
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-        run_dir = self.run_dir()
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "test_predictions.json").write_text(json.dumps(self.predictions, indent=1))
-        self.predictions = []
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         answers = self.answer(batch["prompts"], batch["diffs"])
         return [{"question": p, "answer": a, "truth": t} for p, a, t in zip(batch["prompts"], answers, batch["answers"])]
 
-    # ------------------------------------------------------------------ saving the adapter
-    def save_adapter(self, path: str | Path) -> Path:
-        """The shared adapter as a peft LoRA directory (`PeftModel.from_pretrained(base, path)` loads it);
-        the encoder, if any, beside it as `diff_encoder.safetensors`."""
-        path = Path(path)
-        get_adapter(self.model).save_peft(path, base_model_name_or_path=self.hparams.base_model,
-                                          metadata={"chat_format": self.hparams.chat_format})
-        if self.encoder is not None:
-            from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(path / "diff_encoder.safetensors"))
-            (path / "diff_encoder.json").write_text(json.dumps({"module_types": self.encoder.module_types,
-                                                                "mode": self.hparams.mode}))
-        return path
-
-    def on_fit_end(self) -> None:
-        """Save the best checkpoint's adapter (lowest held-out-diff validation loss) as a peft directory."""
-        run_dir = self.run_dir()
-        if run_dir is None:
-            return
-        cb = self.trainer.checkpoint_callback
-        best = getattr(cb, "best_model_path", "") if cb is not None else ""
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.load_state_dict(state, strict=False)
-        out = self.save_adapter(run_dir / "adapter")
-        (out / "metadit_best.json").write_text(json.dumps({"checkpoint": best or None,
-                                                           "best_val_loss": float(cb.best_model_score) if best and cb.best_model_score is not None else None}))
+def _check_agrees(flat: dict[str, Any], base: PatchedBaseModel) -> None:
+    """An injected base sets the flat keys: each one left at its default is fine, one set otherwise must agree."""
+    defaults = inspect.signature(DITModule.__init__).parameters
+    for key, value in flat.items():
+        injected = getattr(base, FLAT_KEYS[key])
+        if value != defaults[key].default and value != injected:
+            raise MetaditError(f"model.{key} is {value!r} but the injected base has {FLAT_KEYS[key]}={injected!r}: "
+                               f"set one of them")
