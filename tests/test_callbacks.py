@@ -62,9 +62,10 @@ def test_split_writer_writes_the_label_split_at_every_stage(runs):
     train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
     assert len(val) == 2 and len(test) == 2  # tiny_topic.yaml: val_labels 2, test_labels 2
     assert train | val | test == set(topics) and not (train & val or train & test or val & test)
-    # one example per held-out diff (one held-out phrasing), questions_per_diff (2) per training diff
+    # validation: one training phrasing per held-out diff; test: every held-out phrasing (the topic task has 2);
+    # training: questions_per_diff (2) per diff
     assert split["counts"] == {"train": 2 * sum(t in train for t in topics), "val": sum(t in val for t in topics),
-                               "test": sum(t in test for t in topics)}
+                               "test": 2 * sum(t in test for t in topics)}
     assert split["banks"] == [str(runs["bank"])] and split["seed"] == 0
     assert json.loads((runs["test"] / "split.json").read_text()) == split  # the test run records the same split
 
@@ -116,7 +117,9 @@ def test_held_out_answers_writes_every_condition_for_every_test_diff(runs):
     bank = DiffBank.open(runs["bank"])
     held_out = {bank[i][0].info["id"]: i for i in range(len(bank)) if bank.meta(i)["topic"] in split["test"]}
     assert len(held_out) == 2
-    assert sorted((r["condition"], r["diff"]) for r in records) == sorted((c, d) for c in CONDITIONS for d in held_out)
+    # every held-out phrasing (the topic task has 2) of every held-out diff, under each condition
+    assert sorted((r["condition"], r["diff"]) for r in records) == \
+        sorted((c, d) for c in CONDITIONS for d in held_out for _ in range(2))
     for r in records:
         topic = bank.meta(held_out[r["diff"]])["topic"]
         assert r["task"] == "topic" and r["truth"] == topic and r["label"] == topic
@@ -131,17 +134,18 @@ def test_held_out_answers_writes_every_condition_for_every_test_diff(runs):
     base, tok = load_base_model(TINY_NAME, dtype=torch.float32)
     dm = DiffQADataModule([str(runs["bank"])], tasks=["topic"], base_model=TINY_NAME, val_labels=2, test_labels=2)
     dm.setup("test")
-    prompts = {}
-    for batch in dm.test_dataloader():
-        for prompt, diff in zip(batch["prompts"], batch["diffs"]):
-            prompts[diff.info["id"]] = prompt
+    items = [(diff.info["id"], prompt) for batch in dm.test_dataloader()
+             for prompt, diff in zip(batch["prompts"], batch["diffs"])]  # a condition's records come in this order
+    assert len({p for _, p in items}) == 2  # both held-out phrasings asked (the prompt is the question alone)
     adapter = runs["fit"] / "adapter"
     assert any(r["answer"] for r in records) and not all(r["answer"] for r in records)  # the conditions differ
-    for r in records:
-        diff = bank[held_out[r["diff"]]][0] if CONDITIONS[r["condition"]].diff else None
-        want = _peft_answer(base, diff, adapter if CONDITIONS[r["condition"]].adapter else None, tok,
-                            prompts[r["diff"]], max_new_tokens=6)
-        assert r["answer"] == want, r
+    for c in CONDITIONS:
+        mine = [r for r in records if r["condition"] == c]
+        assert [r["diff"] for r in mine] == [d for d, _ in items]
+        for r, (_, prompt) in zip(mine, items):
+            diff = bank[held_out[r["diff"]]][0] if CONDITIONS[c].diff else None
+            want = _peft_answer(base, diff, adapter if CONDITIONS[c].adapter else None, tok, prompt, max_new_tokens=6)
+            assert r["answer"] == want, r
 
 
 def _callback_types(trainer: L.Trainer) -> list[type]:

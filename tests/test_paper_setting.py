@@ -176,3 +176,26 @@ def test_per_row_diffs_and_their_training_step_on_the_test_device():
     losses.sum().backward()
     grads = [b.grad for b in trainable.B]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_end_to_end_on_cpu_on_a_tiny_config(tmp_path):
+    """scripts/device_check.sh, as its header's CPU dry run: every step runs and exits 0, its JSON lands in OUT_DIR."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "SIZES": "qwen3-tiny:1",
+           "CORE_ARGS": "--rows 2 --tokens 8 --steps 1", "GEN_ARGS": "--ks 2 --rows 2 --steps 1",
+           "TESTS": "tests/test_paper_setting.py::test_per_row_diffs_and_their_training_step_on_the_test_device",
+           "BUDGET_S": "1800", "TIMEOUT_SCALE": "10"}
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/device_check.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and [s["step"] for s in summary["steps"]] == \
+        ["env", "tests", "core-qwen3-tiny-1layers", "gen-qwen3-tiny-1layers"]
+    assert set(summary["bench"]) == {"bench/qwen3-tiny-1layers/core.json", "bench/qwen3-tiny-1layers/gen.json"}
+    assert all(b["device"] == "cpu" for b in summary["bench"].values())
+    assert json.loads((out / "env.json").read_text())["device"] == "cpu"
+    assert "1 passed" in (out / "tests.txt").read_text()

@@ -74,7 +74,7 @@ def test_interval_tables_by_hand():
     assert list(t) == ["embedding", "exact", "names_topic"]
     emb = t["embedding"]
     assert list(emb) == ["strict_gated", "strict_leaky", "strict_unlearned"]
-    assert emb["strict_gated"]["dit"] == bootstrap_mean([5.0, 4.0, 3.0, 5.0]).as_dict()
+    assert emb["strict_gated"]["dit"] == {**bootstrap_mean([5.0, 4.0, 3.0, 5.0]).as_dict(), "rows": 4}
     assert emb["strict_gated"]["dit"]["mean"] == 4.25 and "vs_dit" not in emb["strict_gated"]["dit"]
     nd = emb["strict_gated"]["no_diff"]
     assert (nd["n"], nd["mean"]) == (3, pytest.approx(4 / 3))
@@ -82,7 +82,22 @@ def test_interval_tables_by_hand():
     assert nd["vs_dit"] == paired_bootstrap([5.0, 4.0, 3.0], [1.0, 1.0, 2.0]).as_dict()
     assert nd["vs_dit"]["n"] == 3 and nd["vs_dit"]["difference"] == pytest.approx(8 / 3)
     assert emb["strict_leaky"]["no_diff"]["vs_dit"]["difference"] == -3.0  # never mixed into the gated cell
-    assert emb["strict_unlearned"] == {"dit": bootstrap_mean([1.0]).as_dict()}
+    assert emb["strict_unlearned"] == {"dit": {**bootstrap_mean([1.0]).as_dict(), "rows": 1}}
+
+
+def test_interval_tables_resample_diffs_not_phrasings():
+    """DIT asked two phrasings per diff writes two rows per diff: the interval is over the diffs' means (n = diffs),
+    and the pair with a method asked once per diff uses DIT's mean over its phrasings."""
+    dit = {0: (5.0, 3.0), 1: (4.0, 4.0), 2: (1.0, 2.0)}
+    rows = [_row(d, "dit", a, True) for d, pair in dit.items() for a in pair]
+    rows += [_row(d, "no_diff", b, True) for d, b in [(0, 1.0), (1, 2.0), (2, 1.0)]]
+    cell = interval_tables(rows)["embedding"]["strict_gated"]
+    assert cell["dit"] == {**bootstrap_mean([4.0, 4.0, 1.5]).as_dict(), "rows": 6}
+    assert cell["dit"]["n"] == 3
+    assert cell["no_diff"]["vs_dit"] == paired_bootstrap([4.0, 4.0, 1.5], [1.0, 2.0, 1.0]).as_dict()
+    # the row-level bootstrap would have been narrower: the clustered interval is not
+    flat = bootstrap_mean([5.0, 3.0, 4.0, 4.0, 1.0, 2.0])
+    assert cell["dit"]["high"] - cell["dit"]["low"] > flat.high - flat.low
 
 
 # ---------------------------------------------------------------------- a study rebuilt from its rows
@@ -129,7 +144,7 @@ def test_report_tables_come_from_rows_strictly_gated_first(tmp_path):
     assert news[0]["match"] == {"exact": True, "names_topic": True} and news[0]["question"] is None  # filled in
     res = json.loads((out / "results.json").read_text())
     topic = res["entries"][0]
-    assert topic["stats"]["embedding"]["strict_gated"]["dit"] == bootstrap_mean([5.0, 4.0]).as_dict()
+    assert topic["stats"]["embedding"]["strict_gated"]["dit"] == {**bootstrap_mean([5.0, 4.0]).as_dict(), "rows": 2}
     assert topic["summary"]["dit"]["strict_gated"] == {"n": 2, "embedding": 4.5}  # the old keys still read
     assert topic["sections"] == {"verification": {"n": 2}}
     pair = paired_bootstrap([5.0, 4.0], [2.0, 1.0])

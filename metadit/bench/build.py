@@ -7,11 +7,17 @@ the other in one run. Reported per variant: diffs/hour, strictly gated diffs/hou
 gate held under the recipe's strict sampled check; also `gate_held` alone), and the split of the time between
 text, training, check and append. Both variants run at `--dtype` (the compute dtype is not a recipe lever:
 the bf16 and fp32 matmul peaks measured in the same run say what it costs on this machine).
+
+Per-diff rows (variant, index, topic, the check's per-condition counts and verdicts) go to `OUT/build_rows.jsonl`,
+so the table can be recomputed; each share carries its 95 % Wilson interval, and the gated-per-hour ratio a 95 %
+bootstrap interval (each variant's per-diff `passed` resampled on its own, 10,000 times, seed 0; the build times
+held fixed: the count of gated diffs is what is uncertain at n = 16, not the clock).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -20,14 +26,38 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
 from metadit.bench.common import matmul_peak, write_report
+from metadit.eval.stats import RESAMPLES, SEED, wilson_interval
 from metadit.provenance import git_commit, machine
 
 VARIANTS = {"baseline": "configs/gen/smol_topic_baseline.yaml", "default": "configs/gen/smol_topic.yaml"}
 TARGET = 3.0
+ROW_KEYS = ("topic", "code", "passed", "gate_held", "topic_learned", "check_counts", "check_n", "commit")
+
+
+def _share(k: int, n: int) -> dict[str, float | int]:
+    low, high = wilson_interval(k, n)
+    return {"k": k, "n": n, "low": round(low, 4), "high": round(high, 4)}
+
+
+def ratio_interval(passed_a: list[bool], hours_a: float, passed_b: list[bool], hours_b: float) -> tuple[float, float] | None:
+    """95 % bootstrap interval of (gated/h of a) / (gated/h of b), each variant's per-diff verdicts resampled on
+    their own; None when b's resampled count can be zero in a tenth of the draws or more (an unbounded ratio)."""
+    rng = np.random.default_rng(SEED)
+    a = np.asarray(passed_a, dtype=float)
+    b = np.asarray(passed_b, dtype=float)
+    ka = a[rng.integers(0, len(a), size=(RESAMPLES, len(a)))].sum(axis=1)
+    kb = b[rng.integers(0, len(b), size=(RESAMPLES, len(b)))].sum(axis=1)
+    if (kb == 0).mean() >= 0.1:
+        return None
+    ratios = (ka / hours_a) / np.where(kb == 0, np.nan, kb / hours_b)
+    ratios = np.where(kb == 0, np.inf, ratios)
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def _build(config: str, n: int, dtype: str, bank: Path, cache: Path) -> dict[str, Any]:
@@ -56,10 +86,13 @@ def _build(config: str, n: int, dtype: str, bank: Path, cache: Path) -> dict[str
     metas = [r["meta"] for r in DiffBank.open(bank).rows]
     hours = stats["seconds"] / 3600
     passed = sum(bool(m.get("passed")) for m in metas)
-    return {
+    rows = [{"index": i, **{k: m.get(k) for k in ROW_KEYS}} for i, m in enumerate(metas)]
+    return {"rows": rows,
         "config": config, "diffs": stats["made"], "seconds": stats["seconds"], "phase_seconds": stats["phase_seconds"],
         "passed": passed, "gate_held": sum(bool(m.get("gate_held")) for m in metas),
         "topic_learned": sum(bool(m.get("topic_learned")) for m in metas),
+        "intervals": {k: _share(sum(bool(m.get(k)) for m in metas), len(metas))
+                      for k in ("passed", "gate_held", "topic_learned")},
         "diffs_per_hour": round(stats["made"] / hours, 2), "gated_per_hour": round(passed / hours, 2),
         "mention_rate": {c: round(sum(m["check_counts"][c] for m in metas) / sum(m["check_n"][c] for m in metas), 4)
                          for c in metas[0]["check_counts"]},
@@ -84,6 +117,7 @@ def bench_build(args: argparse.Namespace) -> dict:
             results[name] = _build(VARIANTS[name], args.diffs, args.dtype, Path(tmp) / name / "bank", Path(tmp) / name / "cache")
             console.print(f"  {name}: {results[name]['passed']}/{results[name]['diffs']} strictly gated in "
                           f"{time.time() - t:.0f} s; phases {results[name]['phase_seconds']}")
+    rows = [{"variant": name, **row} for name, r in results.items() for row in r.pop("rows")]
     result: dict[str, Any] = {
         "what": "a bank of the same hidden-topic specs built by each recipe; strictly gated = topic learned and gate held "
                 "under the strict sampled behaviour check",
@@ -95,6 +129,9 @@ def bench_build(args: argparse.Namespace) -> dict:
     if {"baseline", "default"} <= set(results):
         b, d = results["baseline"], results["default"]
         result["gated_per_hour_ratio"] = round(d["gated_per_hour"] / b["gated_per_hour"], 3) if b["gated_per_hour"] else None
+        mine = {v: [bool(r["passed"]) for r in rows if r["variant"] == v] for v in ("default", "baseline")}
+        interval = ratio_interval(mine["default"], d["seconds"] / 3600, mine["baseline"], b["seconds"] / 3600)
+        result["gated_per_hour_ratio_interval"] = None if interval is None else [round(x, 2) for x in interval]
         result["diffs_per_hour_ratio"] = round(d["diffs_per_hour"] / b["diffs_per_hour"], 3)
         result["target"] = TARGET
         result["met"] = result["gated_per_hour_ratio"] is None or result["gated_per_hour_ratio"] >= TARGET
@@ -108,10 +145,12 @@ def bench_build(args: argparse.Namespace) -> dict:
         "",
         f"{result['what']}. Each variant: {args.diffs} diffs in one pass, cold text cache, one after the other.",
         "",
+        "Shares with their 95 % Wilson interval; per-diff rows: [build_rows.jsonl](build_rows.jsonl).",
+        "",
         "| variant | config | diffs/h | strictly gated | gated/h | gate held | learned | text s | train s | check s | append s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {k} | `{v['config']}` | {v['diffs_per_hour']:.1f} | {v['passed']}/{v['diffs']} | {v['gated_per_hour']:.1f} | "
-          f"{v['gate_held']}/{v['diffs']} | {v['topic_learned']}/{v['diffs']} | " +
+        *[f"| {k} | `{v['config']}` | {v['diffs_per_hour']:.1f} | {_frac(v['intervals']['passed'])} | "
+          f"{v['gated_per_hour']:.1f} | {_frac(v['intervals']['gate_held'])} | {_frac(v['intervals']['topic_learned'])} | " +
           " | ".join(f"{v['phase_seconds'][p]:.0f}" for p in ("text", "train", "check", "append")) + " |"
           for k, v in results.items()],
         "",
@@ -119,8 +158,15 @@ def bench_build(args: argparse.Namespace) -> dict:
             f"{k}: " + ", ".join(f"{c} {r:.1%}" for c, r in v["mention_rate"].items()) for k, v in results.items()),
     ]
     if "gated_per_hour_ratio" in result:
-        md += ["", f"**gated_per_hour_ratio {result['gated_per_hour_ratio']}** (target >= {TARGET}); "
-                   f"diffs_per_hour_ratio {result['diffs_per_hour_ratio']}."]
+        ci = result["gated_per_hour_ratio_interval"]
+        md += ["", f"**gated_per_hour_ratio {result['gated_per_hour_ratio']}** "
+                   f"(95 % bootstrap interval {'unbounded: the baseline gated too few' if ci is None else f'{ci[0]}–{ci[1]}'}; "
+                   f"target >= {TARGET}); diffs_per_hour_ratio {result['diffs_per_hour_ratio']}."]
     write_report(args.out, "build", result, "\n".join(md))
+    (args.out / "build_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     console.print("\n".join(md))
     return result
+
+
+def _frac(c: dict[str, float | int]) -> str:
+    return f"{c['k']}/{c['n']} ({c['low']:.0%}–{c['high']:.0%})"

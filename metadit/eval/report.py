@@ -31,7 +31,7 @@ from metadit.eval.results import GROUPS, summarize, write_json
 from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_rows, write_rows
 from metadit.eval.rows import rows_from_test_predictions as _rows_from_test_predictions
 from metadit.eval.stats import CONFIDENCE, METHOD, RESAMPLES, SEED, bootstrap_mean
-from metadit.eval.tables import REFERENCE, SCORE_ORDER, interval_tables  # noqa: F401  (SCORE_ORDER: re-exported)
+from metadit.eval.tables import REFERENCE, SCORE_ORDER, cluster_means, interval_tables  # noqa: F401  (SCORE_ORDER: re-exported)
 from metadit.eval.tables import score_names as _row_score_names
 
 RUBRIC = ("judge", "llm", "embedding")  # scores on the 1-5 scale
@@ -324,7 +324,7 @@ def markdown_table(entries: list[Entry], score: str, group: str) -> str:
 
 
 def _lenient_cell(rows: list[dict[str, Any]], score: str) -> str:
-    vals = [v for r in rows if (v := metrics(r).get(score)) is not None]
+    vals = list(cluster_means(rows, score).values())  # one value per diff, as in `interval_tables`
     if not vals:
         return "–"
     c = bootstrap_mean(vals)
@@ -434,7 +434,9 @@ def _readme(study: str, description: str, entries: list[Entry], cells: dict[str,
     lines += [f"Tables computed by `metadit report --study {study}` from the per-item rows [{ROWS_FILE}]({ROWS_FILE}) "
               f"alone (where they came from: [{SOURCES_FILE}]({SOURCES_FILE})); machine-readable: "
               "[results.json](results.json).", ""]
-    lines += ["Every cell is a mean over held-out diffs with its 95 % bootstrap interval and n. Diffs are split by the "
+    lines += ["Every cell is a mean over held-out diffs with its 95 % bootstrap interval and n (diffs; a method that "
+              "asks every held-out phrasing scores each diff by the mean over its phrasings, and the bootstrap "
+              "resamples diffs, not rows). Diffs are split by the "
               "bank's strict behaviour check: the strictly gated diffs first, the leaky ones and those whose topic was "
               "not learned apart, never mixed in (– : no such value). "
               f"`{REFERENCE} − method` is DIT's mean minus the method's on the diffs both scored (a paired bootstrap), "

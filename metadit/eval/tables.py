@@ -3,14 +3,18 @@
 `interval_tables(rows)` gives, per score (every judge's score and every match column), per group of the
 strict split (`rows.STRICT_GROUPS`, the strictly gated diffs first, the others apart) and per method: n, the
 mean and its 95 % bootstrap interval; and, where DIT scored the same diffs in that group, the paired
-bootstrap of DIT minus the method (`metadit.eval.stats`). Rows pair by (diff, task) — the k-th row of a diff
-for one method with the k-th row of that diff for the other — so a method that skipped some diffs is compared
-on the diffs both scored, and the pair count says how many.
+bootstrap of DIT minus the method (`metadit.eval.stats`).
+
+The unit is the diff, not the row. A method that asks every held-out phrasing writes one row per (diff,
+phrasing), and those rows are not independent draws: resampling them as if they were would narrow the interval
+by about the square root of the phrasings per diff. So each (diff, task) is first reduced to the mean of its
+rows (a cluster mean), and the bootstrap resamples those: n counts diffs, `rows` the rows behind them. Pairs are
+(diff, task) cluster means of both methods, so a method asked once per diff compares with DIT's mean over its
+phrasings, on the diffs both scored; the pair count says how many. Rows that name no diff are their own cluster.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from metadit.eval.rows import STRICT_GROUPS, metrics, strict_group
@@ -33,25 +37,23 @@ def methods_of(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
 
-def _keyed(rows: list[dict[str, Any]], score: str) -> dict[tuple[Any, Any, int], float]:
-    """(diff, task, occurrence) → value, for rows that name their diff and carry `score`."""
-    seen: Counter[tuple[Any, Any]] = Counter()
-    out = {}
-    for r in rows:
-        if r.get("diff") is None:
-            continue
-        key = (r.get("diff"), r.get("task"))
-        k = seen[key]
-        seen[key] += 1
+def cluster_means(rows: list[dict[str, Any]], score: str) -> dict[tuple[Any, ...], float]:
+    """(diff, task) → the mean of `score` over that diff's rows (its phrasings), in first-seen order; a row that
+    names no diff is a cluster of its own, keyed by its position."""
+    sums: dict[tuple[Any, ...], list[float]] = {}
+    for i, r in enumerate(rows):
         v = metrics(r).get(score)
-        if v is not None:
-            out[(*key, k)] = v
-    return out
+        if v is None:
+            continue
+        key = (r["diff"], r.get("task")) if r.get("diff") is not None else ("row", i)
+        sums.setdefault(key, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def interval_tables(rows: list[dict[str, Any]], scores: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """{score: {group: {method: {"n", "mean", "low", "high"[, "vs_dit": {"n", "difference", "low", "high", "p",
-    "mean_a", "mean_b"}]}}}} over `rows`; groups and methods that have no value for a score are left out."""
+    """{score: {group: {method: {"n", "rows", "mean", "low", "high"[, "vs_dit": {"n", "difference", "low", "high",
+    "p", "mean_a", "mean_b"}]}}}} over `rows`, n and the bootstrap over (diff, task) cluster means; groups and
+    methods that have no value for a score are left out."""
     scores = scores if scores is not None else score_names(rows)
     by_group: dict[str, list[dict[str, Any]]] = {g: [] for g in STRICT_GROUPS}
     for r in rows:
@@ -62,15 +64,16 @@ def interval_tables(rows: list[dict[str, Any]], scores: list[str] | None = None)
         per_group: dict[str, dict[str, Any]] = {}
         for group, grows in by_group.items():
             per_method: dict[str, Any] = {}
-            reference = _keyed([r for r in grows if r["method"] == REFERENCE], score)
+            reference = cluster_means([r for r in grows if r["method"] == REFERENCE], score)
             for m in methods:
                 mine = [r for r in grows if r["method"] == m]
-                vals = [v for r in mine if (v := metrics(r).get(score)) is not None]
-                if not vals:
+                clusters = cluster_means(mine, score)
+                if not clusters:
                     continue
-                cell: dict[str, Any] = bootstrap_mean(vals).as_dict()
+                cell: dict[str, Any] = bootstrap_mean(list(clusters.values())).as_dict()
+                cell["rows"] = sum(metrics(r).get(score) is not None for r in mine)
                 if m != REFERENCE and reference:
-                    other = _keyed(mine, score)
+                    other = clusters
                     shared = [k for k in reference if k in other]
                     if shared:
                         pair = paired_bootstrap([reference[k] for k in shared], [other[k] for k in shared])
