@@ -39,10 +39,14 @@ def command(name: str, help: str, passthrough: bool = False):
 # ---------------------------------------------------------------------- bank
 def _bank_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bank_command", required=True,
-                           metavar="{info,verify,repair,import-peft,export-peft,import-dit,import-dit-adapter}")
+                           metavar="{info,rows,verify,repair,import-peft,export-peft,import-dit,import-dit-adapter}")
     info = sub.add_parser("info", help="summary of a bank: base model, diffs, ranks, problems")
     info.add_argument("bank", type=Path)
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rows = sub.add_parser("rows", help="one JSON line per entry (index, id, sha256, rank and its metadata: the "
+                          "behaviour check's counts and verdicts): the per-diff rows a report commits")
+    rows.add_argument("bank", type=Path)
+    rows.add_argument("--out", type=Path, help="write them to this file (default: standard output)")
     verify = sub.add_parser("verify", help="recompute every entry's checksum and list files that are not part of the "
                             "bank; non-zero exit if an entry is corrupt or a pickle-format file is there")
     verify.add_argument("bank", type=Path)
@@ -115,6 +119,16 @@ def _bank(args: argparse.Namespace) -> int:
             table.add_row(escape(f"info.{k}"), escape(str(v)))
         table.add_row("problems", escape("\n".join(s["problems"])) or "none")
         console.print(table)
+        return 0
+    if args.bank_command == "rows":
+        lines = "".join(json.dumps({"index": i, "id": r["id"], "sha256": r["sha256"], "rank": r["rank"], **r["meta"]})
+                        + "\n" for i, r in enumerate(bank.rows))
+        if args.out is None:
+            sys.stdout.write(lines)
+        else:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(lines)
+            console.print(escape(f"wrote {len(bank)} rows to {args.out}"))
         return 0
     if args.bank_command == "verify":
         bad = bank.verify()

@@ -53,6 +53,18 @@ def test_bank_info_and_verify(bank_dir, capsys):
     assert "corrupt" in out and "main-000000-1" in out
 
 
+def test_bank_rows_are_the_index_entries_with_their_metadata(bank_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["bank", "rows", str(bank_dir)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    bank = DiffBank.open(bank_dir)
+    assert [(r["index"], r["id"], r["rank"], r["topic"]) for r in rows] == [(0, "main-000000-0", 1, "a"),
+                                                                           (1, "main-000000-1", 2, "b")]
+    assert [r["sha256"] for r in rows] == [e["sha256"] for e in bank.rows]
+    assert main(["bank", "rows", str(bank_dir), "--out", str(tmp_path / "r" / "rows.jsonl")]) == 0
+    assert [json.loads(line) for line in (tmp_path / "r" / "rows.jsonl").read_text().splitlines()] == rows
+
+
 def test_bank_export_then_import_round_trip(bank_dir, tmp_path, capsys):
     assert main(["bank", "export-peft", str(bank_dir), "1", str(tmp_path / "peft")]) == 0
     exported = LoraDiff.from_peft(tmp_path / "peft")
