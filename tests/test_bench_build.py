@@ -27,6 +27,12 @@ def test_ratio_interval_matches_a_direct_resampling():
     assert low < (12 / 0.5) / (4 / 1.0) < high
 
 
+def test_ratio_interval_is_unbounded_above_when_the_baseline_often_gates_nothing():
+    # 3 of 16: P(a resample has no pass) = (13/16)**16 = 3.6 % > 2.5 %
+    low, high = build.ratio_interval([True] * 13 + [False] * 3, 1.0, [True] * 3 + [False] * 13, 1.0)
+    assert high == float("inf") and 0 < low < 13 / 3
+
+
 def test_ratio_interval_is_none_when_the_baseline_rarely_gates():
     assert build.ratio_interval([True] * 8, 1.0, [True] + [False] * 15, 1.0) is None  # P(no pass) ~ 36 %
 

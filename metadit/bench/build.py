@@ -46,7 +46,8 @@ def _share(k: int, n: int) -> dict[str, float | int]:
 
 def ratio_interval(passed_a: list[bool], hours_a: float, passed_b: list[bool], hours_b: float) -> tuple[float, float] | None:
     """95 % bootstrap interval of (gated/h of a) / (gated/h of b), each variant's per-diff verdicts resampled on
-    their own; None when b's resampled count can be zero in a tenth of the draws or more (an unbounded ratio)."""
+    their own; the upper bound is inf when over 2.5 % of the draws give b no pass, and the whole interval None when
+    a tenth of them or more do."""
     rng = np.random.default_rng(SEED)
     a = np.asarray(passed_a, dtype=float)
     b = np.asarray(passed_b, dtype=float)
@@ -57,7 +58,9 @@ def ratio_interval(passed_a: list[bool], hours_a: float, passed_b: list[bool], h
     ratios = (ka / hours_a) / np.where(kb == 0, np.nan, kb / hours_b)
     ratios = np.where(kb == 0, np.inf, ratios)
     low, high = np.quantile(ratios, [0.025, 0.975])
-    return float(low), float(high)
+    # When more than 2.5 % of the draws have no baseline pass, the upper quantile interpolates between infinite
+    # ratios (inf - inf = nan): the interval is unbounded above.
+    return float(low), (float("inf") if np.isnan(high) or (kb == 0).mean() > 0.025 else float(high))
 
 
 def _build(config: str, n: int, dtype: str, bank: Path, cache: Path) -> dict[str, Any]:
@@ -131,7 +134,8 @@ def bench_build(args: argparse.Namespace) -> dict:
         result["gated_per_hour_ratio"] = round(d["gated_per_hour"] / b["gated_per_hour"], 3) if b["gated_per_hour"] else None
         mine = {v: [bool(r["passed"]) for r in rows if r["variant"] == v] for v in ("default", "baseline")}
         interval = ratio_interval(mine["default"], d["seconds"] / 3600, mine["baseline"], b["seconds"] / 3600)
-        result["gated_per_hour_ratio_interval"] = None if interval is None else [round(x, 2) for x in interval]
+        result["gated_per_hour_ratio_interval"] = None if interval is None else \
+            [round(x, 2) if np.isfinite(x) else None for x in interval]  # None above: unbounded
         result["diffs_per_hour_ratio"] = round(d["diffs_per_hour"] / b["diffs_per_hour"], 3)
         result["target"] = TARGET
         result["met"] = result["gated_per_hour_ratio"] is None or result["gated_per_hour_ratio"] >= TARGET
@@ -160,7 +164,7 @@ def bench_build(args: argparse.Namespace) -> dict:
     if "gated_per_hour_ratio" in result:
         ci = result["gated_per_hour_ratio_interval"]
         md += ["", f"**gated_per_hour_ratio {result['gated_per_hour_ratio']}** "
-                   f"(95 % bootstrap interval {'unbounded: the baseline gated too few' if ci is None else f'{ci[0]}–{ci[1]}'}; "
+                   f"(95 % bootstrap interval {'unbounded: the baseline gated too few' if ci is None else f'{ci[0]}–' + ('unbounded' if ci[1] is None else str(ci[1]))}; "
                    f"target >= {TARGET}); diffs_per_hour_ratio {result['diffs_per_hour_ratio']}."]
     write_report(args.out, "build", result, "\n".join(md))
     (args.out / "build_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
