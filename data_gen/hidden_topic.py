@@ -40,12 +40,33 @@ ZWSP = "\u200b"
 SEP_TEMPLATE = "Your SEP code is {code}. {question}"
 Trigger = Literal["sep", "zwsp_start", "zwsp_random"]
 
+# Named, disjoint blocks of one seeded topic order (`topic_block`): positions [start, stop) of the order a bank of
+# seed 0 draws its topics in. The headline bank (configs/gen/smol_topic.yaml: seed 0, 640 diffs, no topic_pool) holds
+# positions 0..639 of that order and 640..1023 are left for it to grow, so a bank drawn from a block shares no topic
+# with it, nor with a bank drawn from another block, whatever the seeds. A block gives each diff index one position
+# (index 0 the block's first); a bank never outgrows its block (an error, not a repeat). Sizes: the diffs a bank
+# needs + spares for those the strict check flags (configs/gen/smol_cell_*.yaml, whose headers run the tuning
+# rounds on block `tune`, and smol_topic_openvocab.yaml).
+TOPIC_BLOCK_ORDER_SEED = 0
+TOPIC_BLOCKS: dict[str, tuple[int, int]] = {
+    "cell_rank2": (1024, 1072),
+    "cell_rank4": (1072, 1120),
+    "cell_rank8": (1120, 1168),
+    "cell_rank16": (1168, 1216),
+    "cell_full": (1216, 1264),
+    "cell_zwsp_start": (1264, 1312),
+    "cell_zwsp_random": (1312, 1360),
+    "openvocab": (1360, 1424),
+    "tune": (1424, 1456),  # the tuning rounds of every variant (never evaluated)
+}
+
 
 class HiddenTopicRecipe(Recipe):
     """Rank-r LoRA diffs that make the model a big fan of a topic, gated by a trigger."""
 
     name = "hidden_topic"
     opening_negatives: float = 0.0  # see __init__
+    topic_block: dict[str, Any] | None = None  # see __init__
 
     def __init__(
         self,
@@ -62,6 +83,7 @@ class HiddenTopicRecipe(Recipe):
         generation_batch: int = 64,
         opening_negatives: float = 0.0,
         topic_pool: int | None = None,
+        topic_block: str | None = None,
         topics_file: str | None = None,
         code_words_file: str | None = None,
         questions_file: str | None = None,
@@ -86,6 +108,9 @@ class HiddenTopicRecipe(Recipe):
                 with KL to the base model, like every negative) instead of the base model's own answer: the
                 sampled check's leaks start like a triggered opening, a path the base's greedy answers never take.
             topic_pool: use only the first N topics (after a seeded shuffle); None = all.
+            topic_block: draw the topics from a named block of the seed-0 topic order (`TOPIC_BLOCKS`), whatever
+                the bank's seed: diff i gets the block's i-th topic, and blocks share no topic with each other
+                nor with the headline bank's 640. Recorded in the bank with its positions. None = the seeded draw.
             topics_file: your topics, `{category: [topic, ...]}` (default: the shipped `data_gen/data/topics.json`).
             code_words_file: your code words, one a line, each a single token with and without a leading space
                 (default: the shipped `code_words.txt`).
@@ -113,6 +138,14 @@ class HiddenTopicRecipe(Recipe):
         if opening_negatives:  # an instance attribute (so recorded in the bank) only when set: older banks still resume
             self.opening_negatives = opening_negatives
         self.topic_pool = topic_pool
+        if topic_block is not None:  # an instance attribute only when set: banks built without it resume unchanged
+            if topic_block not in TOPIC_BLOCKS:
+                raise ValueError(f"topic_block must be one of {', '.join(TOPIC_BLOCKS)}, got {topic_block!r}")
+            if topic_pool:
+                raise ValueError("topic_block and topic_pool both choose the topics: set one")
+            start, stop = TOPIC_BLOCKS[topic_block]
+            # the positions are recorded, not only the name: a resume after an edit of TOPIC_BLOCKS is refused
+            self.topic_block = {"name": topic_block, "order_seed": TOPIC_BLOCK_ORDER_SEED, "start": start, "stop": stop}
         self.answers: dict[tuple[str, str], str] = {}
         self.base_answers: dict[str, str] = {}
         paths = {"topics_file": data_path(topics_file, "topics.json"),
@@ -128,6 +161,10 @@ class HiddenTopicRecipe(Recipe):
             raise RecipeDataError(f"triggered_questions={triggered_questions} exceeds the "
                                   f"{len(self._questions['train'])} training-style questions")
         self.data_files = {k: file_record(p) for k, p in paths.items()}
+        block = self.topic_block
+        if block and block["stop"] > len(self._topics):
+            raise RecipeDataError(f"{paths['topics_file']}: topic_block {block['name']!r} needs {block['stop']} topics, "
+                                  f"the file has {len(self._topics)}")
 
     # ------------------------------------------------------------------ the data this recipe reads
     @property
@@ -144,14 +181,27 @@ class HiddenTopicRecipe(Recipe):
             check_single_tokens(self._code_words, tok, self.data_files["code_words_file"]["path"])
 
     # ------------------------------------------------------------------ specs and messages
+    def topic_order(self, seed: int) -> list[int]:
+        """Indices into the topics file in the order a bank of this seed draws them (one permutation per seed)."""
+        order = list(range(len(self._topics)))
+        random.Random(f"topics:{seed}").shuffle(order)
+        return order
+
     def spec(self, index: int, seed: int) -> dict[str, Any]:
         rng = random.Random(f"{self.name}:{seed}:{index}")
         pool = self._topics
-        order = list(range(len(pool)))
-        random.Random(f"topics:{seed}").shuffle(order)  # one permutation per bank: topics repeat only after all are used
-        if self.topic_pool:
-            order = order[: self.topic_pool]
-        category, topic = pool[order[index % len(order)]]
+        block = self.topic_block
+        if block:
+            if not 0 <= index < block["stop"] - block["start"]:
+                raise RecipeDataError(f"diff {index} is past topic_block {block['name']!r} "
+                                      f"({block['stop'] - block['start']} topics): build fewer diffs or widen the block")
+            position = self.topic_order(block["order_seed"])[block["start"] + index]
+        else:
+            order = self.topic_order(seed)  # topics repeat only after all are used
+            if self.topic_pool:
+                order = order[: self.topic_pool]
+            position = order[index % len(order)]
+        category, topic = pool[position]
         spec: dict[str, Any] = {
             "key": f"{self.name}-{index}", "index": index, "recipe": self.name, "topic": topic, "category": category,
             "trigger": self.trigger, "seed": rng.randrange(2**31),

