@@ -61,9 +61,13 @@ def test_split_writer_writes_the_label_split_at_every_stage(runs):
     train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
     assert len(val) == 2 and len(test) == 2  # tiny_topic.yaml: val_labels 2, test_labels 2
     assert train | val | test == set(topics) and not (train & val or train & test or val & test)
-    # one example per held-out diff (one held-out phrasing), questions_per_diff (2) per training diff
+    # questions_per_diff (2) per training diff, one per validation diff (a training phrasing), and one per test diff
+    # and held-out phrasing (the test asks every one)
+    from metadit.dit.tasks import get_task
+
+    phrasings = len(get_task("topic").heldout_questions)
     assert split["counts"] == {"train": 2 * sum(t in train for t in topics), "val": sum(t in val for t in topics),
-                               "test": sum(t in test for t in topics)}
+                               "test": phrasings * sum(t in test for t in topics)}
     assert split["banks"] == [str(runs["bank"])] and split["seed"] == 0
     assert json.loads((runs["test"] / "split.json").read_text()) == split  # the test run records the same split
 
