@@ -288,11 +288,11 @@ def test_tiny_sweep_runs_skips_when_done_and_resumes_after_a_kill(tiny_bank, tmp
     rows = json.loads((study / "all" / "02-eval" / "eval.json").read_text())["rows"]
     eval_rows = read_rows(study / "all" / "02-eval" / "rows.jsonl")
     bank = DiffBank.open(tiny_bank)
-    by_id = {bank.rows[i]["id"]: bank.meta(i) for i in range(len(bank))}
     assert len(eval_rows) == len(rows) and {r["method"] for r in eval_rows} == {"dit", "no_diff", "base_question"}
     for r, full in zip(eval_rows, rows):
         assert (r["diff"], r["prediction"], r["scores"]["exact"]) == (full["diff"], full["prediction"], full["scores"]["exact"])
-        assert (r["gate_held"], r["passed"]) == (by_id[r["diff"]]["gate_held"], by_id[r["diff"]]["passed"])
+        meta = bank.meta(r["index"])
+        assert r["bank"] == str(tiny_bank) and (r["gate_held"], r["passed"]) == (meta["gate_held"], meta["passed"])
     assert (study / "all" / "00-fit.log").read_text().count("===== metadit sweep") == 2  # the log appends
 
     # the report reads the evaluations: means equal a hand computation
