@@ -10,6 +10,7 @@ metric a checkpoint callback may monitor); the test stage reports the held-out d
 answers are `metadit eval`'s. What a run writes — the split, the exported adapter — is done by the callbacks in
 `metadit.dit.callbacks`.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext

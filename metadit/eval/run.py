@@ -190,7 +190,8 @@ def evaluate(
     if trigger_search_rerank < 1:
         raise MetaditError(f"--trigger_search_rerank must be >= 1, got {trigger_search_rerank}")
 
-    config = {"run": run, "adapter": adapter, "adapter_mode": mode, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
+    config = {"run": run, "adapter": adapter, "adapter_mode": mode, "split_file": split_path, "banks": banks,
+              "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
               "trigger_search_diffs": trigger_search_diffs, "trigger_search_vocab": trigger_search_vocab,
