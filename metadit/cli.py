@@ -280,7 +280,7 @@ _study_command("diff", "model diffing, base model vs base + one diff: metadit di
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help='e.g. "What topic have you been trained on?"')
     p.add_argument("--adapter", help="a DIT adapter directory (peft) or a shipped adapter's short name "
-                   "(metadit.models.shipped_adapters); omit to ask the diffed model alone")
+                   "(metadit.models.shipped_adapters), of any mode; omit to ask the diffed model alone")
     p.add_argument("--diff", required=True, help="a peft LoRA adapter directory, or BANK_DIR:INDEX")
     p.add_argument("--base_model", default=None, help="default: the bank's / adapter's base model")
     p.add_argument("--max_new_tokens", type=int, default=32)
@@ -291,9 +291,10 @@ def _ask(args: argparse.Namespace) -> int:
     import torch
 
     from metadit.bank import LoraDiff, open_diff
-    from metadit.text import chat_prompt, generate_texts
+    from metadit.dit.adapter import DITReader, adapter_mode, load_adapter
+    from metadit.text import chat_prompt
     from metadit.models import load_base_model, require_chat_format
-    from metadit.nn import patch_model, set_adapter
+    from metadit.nn import patch_model
 
     diff, meta, bank = open_diff(args.diff)
     base = args.base_model or (bank.base_model["name"] if bank is not None else diff.info.get("base_model"))
@@ -302,8 +303,7 @@ def _ask(args: argparse.Namespace) -> int:
         from metadit.models import resolve_adapter
 
         args.adapter = resolve_adapter(args.adapter)
-        if (args.adapter / "diff_encoder.safetensors").exists():
-            raise MetaditError(f"{args.adapter}: encoder-mode adapters are answered through `metadit predict`")
+        adapter_mode(args.adapter)  # a malformed encoder record is refused before any model loads
         adapter = LoraDiff.from_peft(args.adapter)
         base = base or adapter.info.get("base_model")
     if not base:
@@ -316,10 +316,10 @@ def _ask(args: argparse.Namespace) -> int:
     patch_model(model)
     if bank is not None:
         bank.check_model(model)
-    if adapter is not None:
-        set_adapter(model, adapter)
+    # Any mode: the adapter reads the diff as it was trained to (applied, encoded into soft tokens, or both).
+    reader = load_adapter(model, args.adapter) if args.adapter is not None else DITReader()
     prompt = chat_prompt(tok, [{"role": "user", "content": args.question}])
-    answer = generate_texts(model, tok, [prompt], args.max_new_tokens, diffs=[diff])[0]
+    answer = reader.answer(model, tok, [prompt], [diff], args.max_new_tokens)[0]
     print(" ".join(answer.split()))  # one line: scripts read the answer as stdout's first line
     if meta:
         truth = {k: meta[k] for k in ("topic", "headline", "code") if k in meta}

@@ -4,21 +4,21 @@
 `model.base_model` is linked to `data.base_model` (the tokenizer must be the model's), and `model.chat_format` is
 computed from `data.banks` (a DIT adapter asks in the chat format its banks' diffs were made with).
 Every run gets the callbacks that write its files (`metadit.dit.callbacks.default_callbacks`: `split.json`,
-`test_predictions.json`, `adapter/`), whatever `trainer.callbacks` says; one the config lists itself is not added twice.
+`adapter/`), whatever `trainer.callbacks` says; one the config lists itself is not added twice. `metadit test` reports
+the held-out diffs' loss (`test/loss`, in the logger's metrics); answering them is `metadit eval`'s.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from metadit.dit import DiffQADataModule, DITModule
-from metadit.dit.callbacks import HeldOutAnswers, default_callbacks, run_dir
+from metadit.dit.callbacks import default_callbacks
 
 
 def data_chat_format(banks: Sequence[str]) -> str:
@@ -52,31 +52,7 @@ def lightning_main(subcommand: str, argv: Sequence[str]) -> DITCLI:
         # `metadit fit ...` hands its own argv over as `args`; LightningCLI warns whenever sys.argv is not empty too.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = _cli(subcommand, argv)
-    if subcommand == "test":
-        write_test_rows(cli)
     return cli
-
-
-def write_test_rows(cli: DITCLI) -> Path | None:
-    """`metadit test`'s per-item rows (`metadit.eval.rows`) as `rows.jsonl` beside its `test_predictions.json`, each
-    with its diff's strict gate verdict read from the banks the data module took the diffs from."""
-    import json
-
-    from metadit.eval.rows import rows_from_test_predictions, write_rows
-
-    out = run_dir(cli.trainer)
-    preds_file = out / HeldOutAnswers.FILENAME if out is not None else None
-    if preds_file is None or not preds_file.is_file():
-        return None
-    preds = json.loads(preds_file.read_text())
-    wanted = {str(p.get("diff")) for p in preds}
-    metas: dict[str, dict] = {}
-    for bank in cli.datamodule.banks:  # the opened banks (DIR[:N] views included)
-        for i in range(len(bank)):
-            entry_id = bank.rows[i]["id"]
-            if entry_id in wanted:
-                metas.setdefault(entry_id, bank.meta(i))
-    return write_rows(out / "rows.jsonl", rows_from_test_predictions(preds, metas))
 
 
 def _cli(subcommand: str, argv: Sequence[str]) -> DITCLI:

@@ -2,7 +2,8 @@
 
 One tiny `metadit fit` and one `metadit test` from its best checkpoint, as a user runs them; each file is checked
 against what it must hold: the split against the bank's labels, the exported adapter against the best checkpoint,
-the test answers against peft answering the same questions under the same diffs.
+the test's loss against peft's on the same held-out examples, and `metadit eval`'s answers (which `metadit test` no
+longer writes) against peft answering the same questions under the same diffs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 from pathlib import Path
 
 import lightning as L
@@ -21,12 +21,11 @@ from peft import PeftModel
 from metadit.bank import DiffBank, LoraDiff
 from metadit.cli import main
 from metadit.dit import DITModule, DiffQADataModule, PatchedBaseModel
-from metadit.dit.callbacks import CONDITIONS, AdapterExport, HeldOutAnswers, SplitWriter, default_callbacks
+from metadit.dit.callbacks import AdapterExport, SplitWriter, default_callbacks
 from metadit.errors import MetaditError
 from metadit.lightning_cli import lightning_main
 from metadit.models import TINY_NAME, load_base_model
 from metadit.nn import diff_layers
-from metadit.text import exact_match
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = ROOT / "configs" / "fit" / "tiny_topic.yaml"
@@ -41,7 +40,7 @@ def _rows(run: Path) -> list[dict[str, str]]:
 def runs(tmp_path_factory, tiny_topic_bank) -> dict[str, Path]:
     """`metadit fit` (2 epochs; lr high enough that the adapter's answers are not empty; a second checkpoint callback
     keeps every epoch's weights), then `metadit test` from the best checkpoint in fp32 (so peft in fp32 is the exact
-    reference for its answers)."""
+    reference for its loss)."""
     d = tmp_path_factory.mktemp("callbacks")
     every_epoch = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                    "init_args": {"filename": "every-{epoch}", "save_top_k": -1}}
@@ -62,10 +61,13 @@ def test_split_writer_writes_the_label_split_at_every_stage(runs):
     train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
     assert len(val) == 2 and len(test) == 2  # tiny_topic.yaml: val_labels 2, test_labels 2
     assert train | val | test == set(topics) and not (train & val or train & test or val & test)
-    # validation: one training phrasing per held-out diff; test: every held-out phrasing (the topic task has 2);
-    # training: questions_per_diff (2) per diff
+    # questions_per_diff (2) per training diff, one per validation diff (a training phrasing), and one per test diff
+    # and held-out phrasing (the test asks every one)
+    from metadit.dit.tasks import get_task
+
+    phrasings = len(get_task("topic").heldout_questions)
     assert split["counts"] == {"train": 2 * sum(t in train for t in topics), "val": sum(t in val for t in topics),
-                               "test": 2 * sum(t in test for t in topics)}
+                               "test": phrasings * sum(t in test for t in topics)}
     assert split["banks"] == [str(runs["bank"])] and split["seed"] == 0
     assert json.loads((runs["test"] / "split.json").read_text()) == split  # the test run records the same split
 
@@ -94,15 +96,18 @@ def test_adapter_export_saves_the_best_checkpoints_adapter(runs):
         assert not matches(runs["fit"] / "checkpoints" / f"every-epoch={max(val)}.ckpt")
 
 
-def _peft_answer(base, diff, adapter_dir: Path | None, tok, prompt: str, max_new_tokens: int) -> str:
+def _peft_model(base, diff, adapter_dir: Path | None):
     """The reference: the diff merged into the weights, the saved adapter loaded by peft on top (or not)."""
     model = copy.deepcopy(base)
     if diff is not None:
         with torch.no_grad():
             for n in diff.modules:
                 model.get_submodule(n).weight += diff.delta(n)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    return PeftModel.from_pretrained(model, adapter_dir).eval() if adapter_dir is not None else model
+
+
+def _peft_answer(base, diff, adapter_dir: Path | None, tok, prompt: str, max_new_tokens: int) -> str:
+    model = _peft_model(base, diff, adapter_dir)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -111,56 +116,71 @@ def _peft_answer(base, diff, adapter_dir: Path | None, tok, prompt: str, max_new
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def test_held_out_answers_writes_every_condition_for_every_test_diff(runs):
-    records = json.loads((runs["test"] / "test_predictions.json").read_text())
-    split = json.loads((runs["fit"] / "split.json").read_text())
-    bank = DiffBank.open(runs["bank"])
-    held_out = {bank[i][0].info["id"]: i for i in range(len(bank)) if bank.meta(i)["topic"] in split["test"]}
-    assert len(held_out) == 2
-    # every held-out phrasing (the topic task has 2) of every held-out diff, under each condition
-    assert sorted((r["condition"], r["diff"]) for r in records) == \
-        sorted((c, d) for c in CONDITIONS for d in held_out for _ in range(2))
-    for r in records:
-        topic = bank.meta(held_out[r["diff"]])["topic"]
-        assert r["task"] == "topic" and r["truth"] == topic and r["label"] == topic
-        assert r["exact"] == float(exact_match(r["answer"], r["truth"]))
-        assert math.isnan(r["similarity"])  # tiny_topic.yaml: similarity off
-    # the logged scores are the records' means
-    (logged,) = [r for r in _rows(runs["test"]) if r.get("test/dit/topic/exact")]
-    for c in CONDITIONS:
-        exact = [r["exact"] for r in records if r["condition"] == c]
-        assert float(logged[f"test/{c}/topic/exact"]) == pytest.approx(sum(exact) / len(exact))
-    # each condition is what it says: peft with the diff merged and/or the exported adapter answers the same
-    base, tok = load_base_model(TINY_NAME, dtype=torch.float32)
-    dm = DiffQADataModule([str(runs["bank"])], tasks=["topic"], base_model=TINY_NAME, val_labels=2, test_labels=2)
+def test_test_reports_the_held_out_loss_and_writes_no_answers(runs):
+    """`metadit test` reports losses only: `test/loss` is the mean over the held-out examples of each one's mean
+    answer-token cross-entropy, computed here with peft (the diff merged, the exported adapter on top)."""
+    assert not (runs["test"] / "test_predictions.json").exists() and not (runs["test"] / "rows.jsonl").exists()
+    (logged,) = [r for r in _rows(runs["test"]) if r.get("test/loss")]
+    assert [k for k, v in logged.items() if k.startswith("test/") and v] == ["test/loss"]  # no answer scores
+    base, _ = load_base_model(TINY_NAME, dtype=torch.float32)
+    dm = DiffQADataModule([str(runs["bank"])], tasks=["topic"], base_model=TINY_NAME, val_labels=2, test_labels=2,
+                          max_answer_tokens=8)
     dm.setup("test")
-    items = [(diff.info["id"], prompt) for batch in dm.test_dataloader()
-             for prompt, diff in zip(batch["prompts"], batch["diffs"])]  # a condition's records come in this order
-    assert len({p for _, p in items}) == 2  # both held-out phrasings asked (the prompt is the question alone)
+    losses = []
+    for batch in dm.test_dataloader():
+        for i, diff in enumerate(batch["diffs"]):
+            model = _peft_model(base, diff, runs["fit"] / "adapter")
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1]).logits
+            target = batch["labels"][i, 1:]
+            keep = target != -100
+            losses.append(torch.nn.functional.cross_entropy(logits[0, :-1][keep].float(), target[keep]).item())
+    split = json.loads((runs["fit"] / "split.json").read_text())
+    assert len(losses) == split["counts"]["test"] > 0
+    assert float(logged["test/loss"]) == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+# What `metadit test` answered before, `metadit eval` answers now: DIT and its two controls on the same held-out
+# diffs — (diff applied, adapter on) per method.
+CONDITIONS = {"dit": (True, True), "base_question": (True, False), "no_diff": (False, True)}
+
+
+def test_eval_answers_the_held_out_diffs_as_peft_does(runs):
+    """Each of DIT's controls is what it says: peft with the diff merged and/or the exported adapter answers the same
+    held-out questions the same way (the answers `metadit test` used to write, now `metadit eval`'s methods)."""
+    from metadit.eval.baselines import METHODS, Evaluator, MethodContext
+    from metadit.eval.heldout import load_heldout, per_phrasing
+
+    split = json.loads((runs["fit"] / "split.json").read_text())
+    items = per_phrasing(load_heldout([str(runs["bank"])], set(split["test"]), ["topic"]))
+    assert len({h.id for h in items}) == 2 and len(items) > 2  # every held-out phrasing of both test diffs
     adapter = runs["fit"] / "adapter"
-    assert any(r["answer"] for r in records) and not all(r["answer"] for r in records)  # the conditions differ
-    for c in CONDITIONS:
-        mine = [r for r in records if r["condition"] == c]
-        assert [r["diff"] for r in mine] == [d for d, _ in items]
-        for r, (_, prompt) in zip(mine, items):
-            diff = bank[held_out[r["diff"]]][0] if CONDITIONS[c].diff else None
-            want = _peft_answer(base, diff, adapter if CONDITIONS[c].adapter else None, tok, prompt, max_new_tokens=6)
-            assert r["answer"] == want, r
+    ev = Evaluator(TINY_NAME, str(adapter), dtype="float32", max_new_tokens=6)
+    base, tok = load_base_model(TINY_NAME, dtype=torch.float32)
+    answers = {}
+    for name, (with_diff, with_adapter) in CONDITIONS.items():
+        answers[name] = [p for p, _ in METHODS[name].predict(MethodContext(ev, None), items)]
+        for h, got in zip(items, answers[name]):
+            want = _peft_answer(base, h.diff if with_diff else None, adapter if with_adapter else None, tok,
+                                ev.chat(h.question()), max_new_tokens=6)
+            assert got == want, (name, h.id, h.question())
+    every = [a for texts in answers.values() for a in texts]
+    assert any(every) and not all(every)  # the conditions differ
 
 
 def _callback_types(trainer: L.Trainer) -> list[type]:
-    return [type(c) for c in trainer.callbacks if isinstance(c, (SplitWriter, HeldOutAnswers, AdapterExport))]
+    return [type(c) for c in trainer.callbacks if isinstance(c, (SplitWriter, AdapterExport))]
 
 
 def test_the_cli_adds_each_default_callback_once(tiny_topic_bank, tmp_path):
     common = ["--config", str(FIT), "--data.banks", f'["{tiny_topic_bank}"]', "--trainer.fast_dev_run", "1",
               "--data.test_labels", "0", "--trainer.default_root_dir", str(tmp_path)]
     cli = lightning_main("fit", common)
-    assert _callback_types(cli.trainer) == [SplitWriter, HeldOutAnswers, AdapterExport]
+    assert _callback_types(cli.trainer) == [SplitWriter, AdapterExport]
     cli = lightning_main("fit", [*common, "--trainer.callbacks", "[]"])  # a config without callbacks still gets them
-    assert _callback_types(cli.trainer) == [SplitWriter, HeldOutAnswers, AdapterExport]
+    assert _callback_types(cli.trainer) == [SplitWriter, AdapterExport]
     cli = lightning_main("fit", [*common, "--trainer.callbacks+=metadit.dit.callbacks.AdapterExport"])
-    assert sorted(t.__name__ for t in _callback_types(cli.trainer)) == ["AdapterExport", "HeldOutAnswers", "SplitWriter"]
+    assert sorted(t.__name__ for t in _callback_types(cli.trainer)) == ["AdapterExport", "SplitWriter"]
 
 
 def test_a_trainer_without_the_callbacks_writes_no_run_files(tiny_topic_bank, tmp_path):

@@ -18,6 +18,7 @@ from metadit.eval.run import evaluate
 from metadit.dit.tasks import get_task
 from metadit.text import generate_texts
 from metadit.lightning_cli import lightning_main
+from metadit.models import TINY_NAME
 from metadit.nn import adapter_disabled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,113 @@ def test_method_predictions_equal_direct_generation(run_dir, tmp_path):
         with adapter_disabled(ev.model):
             without = ev.model(ids).logits
     assert not torch.allclose(with_adapter, without)
+
+
+# A DiffEncoder whose settings its weights' shapes do not give (heads, the projections' seed): eval must read them.
+ENCODER = {"class_path": "metadit.nn.DiffEncoder",
+           "init_args": {"width": 16, "proj_dim": 4, "max_rank": 2, "depth": 1, "heads": 2, "soft_tokens": 3, "seed": 5}}
+
+
+@pytest.fixture(scope="module")
+def encoder_runs(tmp_path_factory, tiny_topic_bank) -> dict[str, tuple]:
+    """A tiny fit in each encoder mode: mode -> (the trained module, its run directory)."""
+    out = {}
+    for mode in ("encoder", "dit+encoder"):
+        d = tmp_path_factory.mktemp("eval-" + mode.replace("+", "-"))
+        cli = lightning_main("fit", ["--config", str(ROOT / "configs/fit/tiny_topic.yaml"),
+                                     "--data.banks", f'["{tiny_topic_bank}"]', "--model.mode", mode,
+                                     "--model.encoder", json.dumps(ENCODER), "--model.lr", "0.02",
+                                     "--trainer.default_root_dir", str(d / "run"), "--trainer.enable_progress_bar",
+                                     "false", "--trainer.max_epochs", "1"])
+        out[mode] = (cli.model.eval(), d / "run" / "lightning_logs" / "version_0")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["encoder", "dit+encoder"])
+def test_eval_answers_encoder_mode_adapters_as_the_module_does(encoder_runs, mode, tmp_path, capsys):
+    """`metadit eval` reads an encoder-mode adapter from its run (the DiffEncoder rebuilt from the saved weights and
+    settings): its `dit` and `no_diff` rows are `DITModule.answer` on the same diffs and held-out questions."""
+    from metadit.text import chat_prompt
+
+    module, run = encoder_runs[mode]
+    assert (run / "adapter" / "diff_encoder.safetensors").is_file()
+    result = _eval(run, tmp_path / "e", methods=["dit", "no_diff", "base_question"], judges=["exact"],
+                   max_new_tokens=module.hparams.max_new_tokens, batch_size=64, verify=False)
+    assert result["config"]["adapter_mode"] == mode
+    split = read_split(run / "split.json")
+    items = per_phrasing(load_heldout(split["banks"], set(split["test"]), ["topic"]))
+    prompts = [chat_prompt(module.tok, [{"role": "user", "content": h.question()}]) for h in items]
+    diffs = [h.diff for h in items]
+    want = {"dit": module.answer(prompts, diffs), "no_diff": module.answer(prompts, [None] * len(items)),
+            # the diffed model without the adapter: the diff applied whatever the adapter's mode
+            "base_question": generate_texts(module.model, module.tok, prompts, module.hparams.max_new_tokens,
+                                            diffs=diffs, adapter=False)}
+    # Not vacuous: the adapter's answers are text, and not the diffed model's. (This tiny model's greedy text does
+    # not change with the soft tokens: that they reach the model, and are the module's, is checked below.)
+    assert any(want["dit"]) and want["dit"] != want["base_question"]
+    order = [(h.id, h.question()) for h in items]
+    from metadit.eval.rows import read_rows
+
+    on_disk = read_rows(tmp_path / "e" / "rows.jsonl")
+    for method, texts in want.items():
+        got = {(r["diff"], r["extra"]["question"]): r["prediction"] for r in result["rows"] if r["method"] == method}
+        assert len(got) == len(order) and [got[i] for i in order] == texts, method
+        assert sorted(r["prediction"] for r in on_disk if r["method"] == method) == sorted(texts), method
+    # the encoder eval rebuilt is the module's: the same soft tokens for the held-out diffs and for no diff
+    ev = Evaluator(TINY_NAME, str(run / "adapter"))
+    assert ev.reader.mode == mode and ev.reader.applies_diffs == (mode == "dit+encoder")
+    assert ev.reader.encoder.settings == module.encoder.settings == {**ENCODER["init_args"], "max_layers": 64}
+    for rows in (diffs, [None] * len(diffs)):
+        assert torch.equal(ev.reader.soft_tokens(rows, len(rows), torch.float32),
+                           module.reader.soft_tokens(rows, len(rows), torch.float32))
+    # and the soft tokens carry the diff: `encoder` mode applies no diff, so only they tell two diffs apart
+    ids = ev.tok(prompts[:1], return_tensors="pt", add_special_tokens=False)
+    two = [h.diff for h in items if h.id != items[0].id][:1] + diffs[:1]
+    with torch.no_grad():
+        soft = ev.reader.soft_tokens(two, 2, torch.float32)
+        logits = [ev.model(**ev.reader.prepend(ev.model, ids["input_ids"], ids["attention_mask"], soft[k:k + 1])).logits
+                  for k in range(2)]
+    assert not torch.allclose(logits[0], logits[1])
+    # `metadit ask` takes the same adapter and answers as the module does
+    bank, index = items[0].bank, items[0].index
+    capsys.readouterr()
+    assert main(["ask", items[0].question(), "--adapter", str(run / "adapter"), "--diff", f"{bank}:{index}",
+                 "--max_new_tokens", str(module.hparams.max_new_tokens)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == " ".join(want["dit"][0].split())
+
+
+def test_encoder_adapters_exported_before_their_settings_were_recorded_read_the_run_config(encoder_runs, tmp_path):
+    import shutil
+
+    from metadit.dit.adapter import load_adapter
+    from metadit.models import load_base_model
+    from metadit.nn import patch_model
+
+    module, run = encoder_runs["encoder"]
+    old = tmp_path / "run"
+    shutil.copytree(run, old)
+    record = json.loads((old / "adapter" / "diff_encoder.json").read_text())
+    del record["settings"]  # as `save_adapter` wrote it before
+    (old / "adapter" / "diff_encoder.json").write_text(json.dumps(record))
+    model, _ = load_base_model(TINY_NAME)
+    patch_model(model)
+    reader = load_adapter(model, old / "adapter")
+    diffs = [h.diff for h in load_heldout(read_split(run / "split.json")["banks"], None, ["topic"])[:2]]
+    assert torch.equal(reader.soft_tokens(diffs, 2, torch.float32), module.reader.soft_tokens(diffs, 2, torch.float32))
+    (old / "config.yaml").unlink()
+    with pytest.raises(MetaditError, match="records no encoder settings"):
+        load_adapter(model, old / "adapter")
+
+
+def test_eval_refuses_a_method_the_adapters_mode_cannot_take(encoder_runs, tmp_path):
+    _, run = encoder_runs["encoder"]
+    with pytest.raises(MetaditError, match="method 'likelihood' takes dit-mode adapters; .* trained in mode 'encoder'"):
+        _eval(run, tmp_path / "e", methods=["dit", "likelihood"])
+    from metadit.eval.run import DEFAULT_METHODS, default_methods
+
+    assert default_methods("encoder") == default_methods("dit+encoder") == [m for m in DEFAULT_METHODS if m != "likelihood"]
+    assert default_methods("dit") == DEFAULT_METHODS
+    assert default_methods(None) == [m for m in DEFAULT_METHODS if not METHODS[m].needs_adapter]
 
 
 def test_triggered_message_puts_the_diffs_own_code_first(run_dir):

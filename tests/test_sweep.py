@@ -1,8 +1,9 @@
-"""`metadit sweep` and `metadit report`: grid expansion, a real tiny sweep (fit + test in subprocesses), resume
+"""`metadit sweep` and `metadit report`: grid expansion, a real tiny sweep (fit + test + eval in subprocesses), resume
 after a kill, failing steps, changed steps, and reports from hand-made eval.json files with known means."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_every_shipped_sweep_config_parses_and_expands(tmp_path):
     assert [c.name for c in studies["rank-generalization"].cells] == \
         ["rank1", "rank2", "rank4", "rank8", "rank16", "rankfull"]
     assert [c.name for c in studies["encoder-ablation"].cells] == ["dit", "encoder", "dit+encoder"]
-    assert [s.command for s in studies["encoder-ablation"].cells[2].steps] == ["fit", "test"]
+    assert [s.command for s in studies["encoder-ablation"].cells[2].steps] == ["fit", "eval"]
 
 
 def test_every_shipped_sweep_step_parses_with_its_subcommand_parser(tmp_path):
@@ -235,69 +236,77 @@ def test_tiny_sweep_runs_skips_when_done_and_resumes_after_a_kill(tiny_bank, tmp
     assert main(args) == 0
     out = capsys.readouterr().out
     study = tmp_path / "sweeps" / "tiny"
+    steps = ("00-fit", "01-test", "02-eval")
     for cell in ("n2", "all"):
-        for step in ("00-fit", "01-test"):
+        for step in steps:
             marker = json.loads((study / cell / f"{step}.done.json").read_text())
             assert marker["exit_code"] == 0 and marker["wall_time_s"] > 0 and marker["started"] <= marker["ended"]
             assert marker["argv"][0] == step[3:] and (study / cell / f"{step}.log").stat().st_size > 0
         assert (study / cell / "run" / "adapter" / "adapter_config.json").is_file()
         assert (study / cell / "run" / "checkpoints" / "last.ckpt").is_file()
-        preds = json.loads((study / cell / "01-test" / "test_predictions.json").read_text())
-        assert {p["condition"] for p in preds} == {"dit", "no_adapter", "no_diff"}
+        # the test reports the held-out loss only; the answers are the evaluation's
+        assert not (study / cell / "01-test" / "test_predictions.json").exists()
+        assert [r["test/loss"] for r in csv.DictReader(open(study / cell / "01-test" / "metrics.csv")) if r.get("test/loss")]
+        rows = json.loads((study / cell / "02-eval" / "eval.json").read_text())["rows"]
+        assert {r["method"] for r in rows} == {"dit", "no_diff", "base_question"}
     assert json.loads((study / "n2" / "run" / "split.json").read_text())["train"].__len__() == 2
     test_marker = json.loads((study / "n2" / "01-test.done.json").read_text())
     assert "best-epoch=0.ckpt" in test_marker["command"]  # {best_ckpt} filled from the fit's record
-    assert "n2 00-fit: done in" in out and "all 01-test: done in" in out
+    eval_marker = json.loads((study / "n2" / "02-eval.done.json").read_text())
+    assert f"--run {study / 'n2' / 'run'}" in eval_marker["command"]  # {run_dir}: the fit's run directory
+    assert "n2 00-fit: done in" in out and "all 01-test: done in" in out and "all 02-eval: done in" in out
 
     # rerunning does nothing: every marker and log untouched
     before = _stamps(study)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert _stamps(study) == before
-    assert out.count("done before, skipped") == 4
+    assert out.count("done before, skipped") == 6
     assert main(args[:3] + ["--root", str(tmp_path / "sweeps"), "--dry-run", "--var", f"bank={tiny_bank}"]) == 0
-    assert capsys.readouterr().out.count("[done]") == 4
+    assert capsys.readouterr().out.count("[done]") == 6
 
-    # killed during the 'all' fit after its first checkpoint: its marker, the test's marker and output are gone
-    for p in ("00-fit.done.json", "01-test.done.json"):
-        (study / "all" / p).unlink()
+    # killed during the 'all' fit after its first checkpoint: its marker, the later steps' markers and output are gone
+    for step in steps:
+        (study / "all" / f"{step}.done.json").unlink()
     shutil.rmtree(study / "all" / "01-test")
+    shutil.rmtree(study / "all" / "02-eval")
     n2_before = {k: v for k, v in _stamps(study).items() if k.startswith("n2/")}
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "n2 00-fit: done before, skipped" in out and "all 00-fit: done in" in out and "all 01-test: done in" in out
+    assert "all 02-eval: done in" in out
     assert {k: v for k, v in _stamps(study).items() if k.startswith("n2/")} == n2_before
     fit = json.loads((study / "all" / "00-fit.done.json").read_text())
     assert fit["resumed_from"] == str(study / "all" / "run" / "checkpoints" / "last.ckpt")
     assert "--ckpt_path" in fit["argv"]
     assert list((study / "all" / "run").glob("metrics.before-resume-*.csv"))  # the first attempt's curve is kept
-    assert (study / "all" / "01-test" / "test_predictions.json").is_file()
-    # `metadit test` wrote its rows beside its predictions, each with its diff's strict verdict from the bank
+    assert (study / "all" / "02-eval" / "eval.json").is_file()
+    # the evaluation wrote its rows beside its results, each with its diff's strict verdict from the bank
     from metadit.bank import DiffBank
     from metadit.eval.rows import read_rows
 
-    preds = json.loads((study / "all" / "01-test" / "test_predictions.json").read_text())
-    test_rows = read_rows(study / "all" / "01-test" / "rows.jsonl")
+    rows = json.loads((study / "all" / "02-eval" / "eval.json").read_text())["rows"]
+    eval_rows = read_rows(study / "all" / "02-eval" / "rows.jsonl")
     bank = DiffBank.open(tiny_bank)
-    by_id = {bank.rows[i]["id"]: bank.meta(i) for i in range(len(bank))}
-    assert len(test_rows) == len(preds) and {r["method"] for r in test_rows} == {"dit", "no_adapter", "no_diff"}
-    for r, p in zip(test_rows, preds):
-        assert (r["diff"], r["prediction"], r["scores"]["exact"]) == (p["diff"], p["answer"], p["exact"])
-        assert (r["gate_held"], r["passed"]) == (by_id[p["diff"]]["gate_held"], by_id[p["diff"]]["passed"])
+    assert len(eval_rows) == len(rows) and {r["method"] for r in eval_rows} == {"dit", "no_diff", "base_question"}
+    for r, full in zip(eval_rows, rows):
+        assert (r["diff"], r["prediction"], r["scores"]["exact"]) == (full["diff"], full["prediction"], full["scores"]["exact"])
+        meta = bank.meta(r["index"])
+        assert r["bank"] == str(tiny_bank) and (r["gate_held"], r["passed"]) == (meta["gate_held"], meta["passed"])
     assert (study / "all" / "00-fit.log").read_text().count("===== metadit sweep") == 2  # the log appends
 
-    # the report reads the test predictions: means equal a hand computation
+    # the report reads the evaluations: means equal a hand computation
     out_dir = tmp_path / "reports" / "tiny"
     assert main(["report", "--study", "tiny", "--sweep-dir", str(study), "--out", str(out_dir)]) == 0
     res = json.loads((out_dir / "results.json").read_text())
     assert [e["name"] for e in res["entries"]] == ["n2", "all"]
-    preds = json.loads((study / "n2" / "01-test" / "test_predictions.json").read_text())
-    for cond in ("dit", "no_adapter", "no_diff"):
-        exact = [p["exact"] for p in preds if p["condition"] == cond]
-        got = res["entries"][0]["summary"][cond]["all"]
+    rows = json.loads((study / "n2" / "02-eval" / "eval.json").read_text())["rows"]
+    for method in ("dit", "no_diff", "base_question"):
+        exact = [r["scores"]["exact"] for r in rows if r["method"] == method]
+        got = res["entries"][0]["summary"][method]["all"]
         assert got["n"] == len(exact) and got["exact"] == pytest.approx(sum(exact) / len(exact))
     cell = res["cells"]["n2"]
-    assert len(cell["commands"]) == 2 and cell["commands"][0].startswith("metadit fit")
+    assert len(cell["commands"]) == 3 and cell["commands"][0].startswith("metadit fit")
     assert cell["seeds"]["seed_everything"] == 0 and cell["commit"] and cell["wall_time_s"] > 0
     assert cell["params"] == {"value": 2} and "machine" in cell
 

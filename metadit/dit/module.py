@@ -2,18 +2,20 @@
 
 A thin LightningModule around injected parts: the patched base model (`base`, a `PatchedBaseModel`: frozen, every
 target Linear carries the row's diff and the shared adapter, `metadit.nn`), loaded in `configure_model`, and, for the
-hypernetwork ablation, a `DiffEncoder`. Modes: `dit` (diff applied, no encoder), `encoder` (diff not applied; the
-encoder's soft tokens are the only way the diff gets in), `dit+encoder`. One `step` (the loss) serves
-train/val/test; `answer` generates under a batch of diffs (K diffs per `generate` call). Validation also scores
-answers for every held-out diff (`val/dit/TASK/exact`, a metric a checkpoint callback may monitor). What a run
-writes — the split, the test answers, the exported adapter — is done by the callbacks in `metadit.dit.callbacks`.
+hypernetwork ablation, a `DiffEncoder`. Modes (`metadit.dit.adapter.DITReader`, which `metadit eval` answers through
+too): `dit` (diff applied, no encoder), `encoder` (diff not applied; the encoder's soft tokens are the only way the
+diff gets in), `dit+encoder`. One `step` (the loss) serves train/val/test; `answer` generates under a batch of diffs
+(K diffs per `generate` call). Validation also scores answers for every held-out diff (`val/dit/TASK/exact`, a
+metric a checkpoint callback may monitor); the test stage reports the held-out diffs' loss (`test/loss`), and their
+answers are `metadit eval`'s. What a run writes — the split, the exported adapter — is done by the callbacks in
+`metadit.dit.callbacks`.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -22,10 +24,9 @@ import torch
 from metadit.errors import MetaditError
 from metadit.models import training_attention
 from metadit.nn import DiffBatch, DiffEncoder, layer_shapes, use_diffs
+from metadit.dit.adapter import DITReader, Mode, check_mode
 from metadit.dit.base import FLAT_KEYS, PatchedBaseModel
 from metadit.dit.scores import AnswerScores
-
-Mode = Literal["dit", "encoder", "dit+encoder"]
 
 
 class DITModule(L.LightningModule):
@@ -62,7 +63,7 @@ class DITModule(L.LightningModule):
             lr_scheduler: its learning-rate scheduler, the same way (`model.lr_scheduler: {class_path: ...}`); default none.
             max_new_tokens: answer length when generating.
             generate_in_validation: generate and score answers for held-out diffs at each validation.
-            similarity: also score answers by embedding similarity (the offline MiniLM judge), at validation and test.
+            similarity: also score validation answers by embedding similarity (the offline MiniLM judge).
             seed: the adapter's initialisation.
             dtype: the base model's dtype (`bfloat16`, `float32`, or `auto`: bf16 where the hardware computes it
                 natively, else fp32).
@@ -73,8 +74,7 @@ class DITModule(L.LightningModule):
                 its default takes the base's value, one set otherwise must agree with it.
         """
         super().__init__()
-        if mode not in ("dit", "encoder", "dit+encoder"):
-            raise MetaditError(f"mode must be dit, encoder or dit+encoder, got {mode!r}")
+        check_mode(mode)
         flat = {"base_model": base_model, "dtype": dtype, "chat_format": chat_format, "adapter_rank": adapter_rank,
                 "adapter_alpha": adapter_alpha, "seed": seed}
         injected = base is not None
@@ -144,23 +144,22 @@ class DITModule(L.LightningModule):
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ the forward
+    @property
+    def reader(self) -> DITReader:
+        """How the adapter reads a batch of diffs (this mode, this encoder), as `metadit eval` reads an exported one."""
+        return DITReader(self.hparams.mode, self.encoder)
+
     def _diff_context(self, diffs: list[Any] | None):
-        if diffs is None or self.hparams.mode == "encoder":
+        if diffs is None or not self.reader.applies_diffs:
             return nullcontext()
         dtype = next(self.model.parameters()).dtype
         return use_diffs(self.model, DiffBatch.from_diffs(diffs, self.shapes, dtype=dtype, device=self.device))
 
     def _soft(self, diffs: list[Any] | None, n: int) -> torch.Tensor | None:
-        if self.encoder is None:
-            return None
-        return self.encoder(diffs if diffs is not None else [None] * n).to(next(self.model.parameters()).dtype)
+        return self.reader.soft_tokens(diffs, n, next(self.model.parameters()).dtype)
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None):
-        if soft is None:
-            return {"input_ids": ids, "attention_mask": mask}
-        emb = self.model.get_input_embeddings()(ids)
-        ones = torch.ones(ids.shape[0], soft.shape[1], dtype=mask.dtype, device=mask.device)
-        return {"inputs_embeds": torch.cat([soft.to(emb.dtype), emb], 1), "attention_mask": torch.cat([ones, mask], 1)}
+        return DITReader.prepend(self.model, ids, mask, soft)
 
     def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         diffs = batch["diffs"]
@@ -186,16 +185,11 @@ class DITModule(L.LightningModule):
         return self.step(batch, "train")
 
     # ------------------------------------------------------------------ answers
-    @torch.no_grad()
     def answer(self, prompts: list[str], diffs: list[Any] | None, use_adapter: bool = True) -> list[str]:
-        """Greedy answers; row i under `diffs[i]` (None: no diff at all), with or without the adapter."""
-        from metadit.text import generate_texts
-
-        soft = self._soft(diffs, len(prompts)) if use_adapter or self.encoder is None else None
-        embed = (lambda ids, mask, a, b: self._embed(ids, mask, soft[a:b])) if soft is not None else None
-        with self._diff_context(diffs):
-            return generate_texts(self.model, self.tok, prompts, self.hparams.max_new_tokens,
-                                  batch_size=max(1, len(prompts)), adapter=use_adapter, embed=embed)
+        """Greedy answers in one `generate` call; row i under `diffs[i]` (None: no diff at all) as the mode reads it,
+        with or without the adapter (`DITReader.answer`)."""
+        return self.reader.answer(self.model, self.tok, prompts, diffs, self.hparams.max_new_tokens,
+                                  use_adapter=use_adapter)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.step(batch, "val")
@@ -206,7 +200,7 @@ class DITModule(L.LightningModule):
         self.val_scores.log(self)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """The held-out diffs' loss; their answers under DIT and its controls are the `HeldOutAnswers` callback's."""
+        """The held-out diffs' loss (`test/loss`); their answers, under DIT and beside the baselines, are `metadit eval`'s."""
         self.step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

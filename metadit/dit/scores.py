@@ -2,7 +2,7 @@
 
 Exact match (`metadit.text.exact_match`) and, optionally, embedding similarity (the offline MiniLM judge), logged
 as `STAGE/CONDITION/TASK/exact` and `STAGE/CONDITION/TASK/similarity`. `DITModule` scores its validation answers
-with one (stage `val`, condition `dit`); the `HeldOutAnswers` callback scores the test answers under each condition.
+with one (stage `val`, condition `dit`); held-out answers are scored by `metadit eval`'s judges.
 """
 
 from __future__ import annotations

@@ -3,16 +3,20 @@
 Every method maps held-out diffs to one predicted label each (plus details), batched: K diffs per
 `generate` call, row i carrying diff i. Registered in `METHODS`:
 
-- `dit`: the diffed model with the DIT adapter, asked the task's held-out questions (one row per phrasing:
-  methods that ask the task's question, `per_phrasing`, ask every held-out phrasing; `extra["question"]`).
-- `no_diff`: the adapter with no diff applied — does the adapter read the diff or recite a prior?
-- `base_question`: the diffed model asked the same question without the adapter.
+- `dit`: the DIT adapter asked the task's held-out questions under the diff as the adapter reads it — applied to
+  the weights (an adapter of mode `dit`), read by its DiffEncoder into soft tokens (`encoder`), or both
+  (`dit+encoder`); one row per phrasing: methods that ask the task's question, `per_phrasing`, ask every held-out
+  phrasing (`extra["question"]`).
+- `no_diff`: the adapter with no diff (no diff applied, the encoder's empty reading) — does the adapter read the
+  diff or recite a prior?
+- `base_question`: the diffed model asked the same question without the adapter (what `metadit test` called
+  `no_adapter` when it answered).
 - `base_question_trigger`: the same, with the diff's true trigger in the message (an oracle).
 - `twenty_questions` / `twenty_questions_trigger`: the diffed model answers N evaluation-style questions
   (temperature 1), without / with its trigger; a guesser names the topic from the answers.
 - `generated_story` (news): the diffed model writes a story (greedy); the guesser names its headline.
 - `random_label`: a random training label (what a score means when nothing is read).
-- `likelihood`: the held-out label whose answer the diff makes most likely (see `likelihood.py`).
+- `likelihood`: the held-out label whose answer the diff makes most likely (see `likelihood.py`; dit-mode adapters).
 - `activation_lens`: the Activation Difference Lens (Minder et al. 2025) read by the guesser (`lens.py`).
 - `crosscoder`: a BatchTopK crosscoder per diff; its finetune-specific latents (Latent Scaling, Minder, Dumas et
   al. 2025) read by the guesser (`crosscoder/evidence.py`). Minutes per diff: not in the default methods.
@@ -33,16 +37,18 @@ from typing import Any
 
 import torch
 
+from metadit.dit.adapter import MODES, DITReader, load_adapter
 from metadit.errors import MetaditError
 from metadit.eval.heldout import HeldOut
 from metadit.text import chat_prompt, generate_texts
-from metadit.nn import adapter_disabled, patch_model, set_adapter
+from metadit.nn import adapter_disabled, patch_model
 
 Prediction = tuple[str, dict[str, Any]]
 
 
 class Evaluator:
-    """The base model loaded and patched once, with the DIT adapter installed when given."""
+    """The base model loaded and patched once, with the DIT adapter installed when given (any mode: its
+    `DITReader` says whether the diff is applied, read by the DiffEncoder into soft tokens, or both)."""
 
     def __init__(self, base_model: str, adapter: str | None = None, dtype: str = "auto", batch_size: int = 32,
                  max_new_tokens: int = 24, seed: int = 0, model: Any = None, tok: Any = None,
@@ -53,33 +59,32 @@ class Evaluator:
             model, tok = load_base_model(base_model, dtype=dtype, chat_format=chat_format)
         patch_model(model)
         self.model, self.tok = model, tok
-        self.has_adapter = adapter is not None
+        self.reader: DITReader | None = None
         if adapter is not None:
-            from pathlib import Path
+            from metadit.models import chat_format_of
 
-            from metadit.bank import LoraDiff
-
-            if (Path(adapter) / "diff_encoder.safetensors").exists():
-                raise MetaditError(f"{adapter}: encoder-mode adapters are evaluated with `metadit test` "
-                                   "(they need the DiffEncoder); `metadit eval` takes dit-mode adapters")
-            loaded = LoraDiff.from_peft(adapter)
-            from metadit.models import chat_format_of, require_chat_format
-
-            require_chat_format(str(adapter), loaded.info.get("chat_format", "default"), chat_format_of(tok))
-            set_adapter(model, loaded)
+            self.reader = load_adapter(model, adapter, chat_format=chat_format_of(tok))
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.reader is not None
 
     def chat(self, message: str, assistant_prefix: str = "") -> str:
         return chat_prompt(self.tok, [{"role": "user", "content": message}], assistant_prefix)
 
     def answers(self, prompts: list[str], diffs: list[Any] | None, adapter: bool, max_new_tokens: int | None = None,
                 sample: bool = False, temperature: float = 1.0) -> list[str]:
-        """Row i under `diffs[i]` (None: the base model), with or without the DIT adapter."""
-        if adapter and not self.has_adapter:
-            raise MetaditError("this method needs a DIT adapter (--run or --adapter)")
-        return generate_texts(self.model, self.tok, prompts, max_new_tokens or self.max_new_tokens, diffs=diffs,
-                              batch_size=self.batch_size, do_sample=sample, temperature=temperature, seed=self.seed,
-                              adapter=adapter)
+        """Row i under `diffs[i]` (None: the base model): with the DIT adapter, row i's diff as the adapter reads it
+        (`DITReader.answer`: applied, encoded into soft tokens, or both); without it, applied to the weights."""
+        n = max_new_tokens or self.max_new_tokens
+        if adapter:
+            if self.reader is None:
+                raise MetaditError("this method needs a DIT adapter (--run or --adapter)")
+            return self.reader.answer(self.model, self.tok, prompts, diffs, n, batch_size=self.batch_size,
+                                      do_sample=sample, temperature=temperature, seed=self.seed)
+        return generate_texts(self.model, self.tok, prompts, n, diffs=diffs, batch_size=self.batch_size,
+                              do_sample=sample, temperature=temperature, seed=self.seed, adapter=False)
 
 
 # ---------------------------------------------------------------------- guessers
@@ -261,6 +266,9 @@ class Method:
     # methods that send many (20 questions) or none (a random label, the lens).
     asks: Callable[[HeldOut, int], str] | None = None
     per_phrasing: bool = False  # it asks the task's question: run once per held-out phrasing (`extra["question"]`)
+    # The adapter modes it reads the adapter in (`needs_adapter` methods): those that go through `Evaluator.answers`
+    # take every mode; a method scoring the adapter's logits on the bare prompt takes dit-mode adapters only.
+    adapter_modes: tuple[str, ...] = MODES
 
     def question(self, item: HeldOut, seed: int = 0) -> str | None:
         return None if self.asks is None else self.asks(item, seed)
@@ -385,7 +393,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            tasks=("headline",), evidence="story", asks=lambda h, seed: _story_prompt()),
     Method("random_label", _random_label, "a random training label"),
     Method("likelihood", _likelihood, "held-out label the diff makes most likely under the adapter",
-           tasks=("topic", "headline"), needs_adapter=True, asks=_task_question, per_phrasing=True),
+           tasks=("topic", "headline"), needs_adapter=True, asks=_task_question, per_phrasing=True,
+           adapter_modes=("dit",)),
     Method("activation_lens", _activation_lens, "activation difference lens + steering, read by the guesser",
            tasks=("topic", "headline"), evidence="evidence_text"),
     Method("crosscoder", _crosscoder, "BatchTopK crosscoder: finetune-specific latents' tokens and contexts, read by "

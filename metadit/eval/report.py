@@ -1,6 +1,7 @@
 """`metadit report`: a study's results as `reports/<study>/{rows.jsonl, sources.json, results.json, README.md, *.png}`.
 
-Two stages. **Gathering**: every `eval.json` (`metadit eval`) and `test_predictions.json` (`metadit test`) under
+Two stages. **Gathering**: every `eval.json` (`metadit eval`) and `test_predictions.json` (written by `metadit test`
+before it reported losses only; committed reports read them) under
 each cell of a sweep directory, or the files given with `--eval`, read as per-item rows (`metadit.eval.rows`:
 the `rows.jsonl` an evaluation writes beside its results, else the rows of the result file itself) — one
 *entry* per source and task, named after its cell, or `cell/step` when a cell has several — into

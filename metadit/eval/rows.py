@@ -114,19 +114,17 @@ def metrics(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def rows_from_test_predictions(preds: list[dict[str, Any]],
-                               metas: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """`metadit test`'s predictions (`test_predictions.json`) as rows: condition → method, its exact/similarity →
-    scores; the gate verdict from `metas` (entry id → bank metadata) where given, else null."""
+def rows_from_test_predictions(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The predictions older `metadit test` runs wrote (`test_predictions.json`; `metadit eval` answers now) as rows:
+    condition → method, its exact/similarity → scores; no gate verdict (null)."""
     rows = []
     for p in preds:
         if not isinstance(p, dict) or "condition" not in p:
             raise MetaditError("test predictions: every row needs a `condition`")
-        meta = (metas or {}).get(str(p.get("diff"))) or {}
         rows.append(as_row({"diff": p.get("diff"), "task": p.get("task"), "method": p["condition"],
                             "question": p.get("question"), "prediction": p.get("answer"), "truth": p.get("truth"),
                             "label": p.get("label"), "scores": {k: p[k] for k in ("exact", "similarity") if k in p},
-                            "gated": None, **gate_verdict(meta)}))
+                            "gated": None, **gate_verdict({})}))
     return rows
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from metadit.bank.diff_bank import banks_chat_format
+from metadit.dit.adapter import adapter_mode
 from metadit.errors import MetaditError
 from metadit.eval.baselines import METHODS, Evaluator, MethodContext, check_guesser, get_guesser, get_method, reguess
 from metadit.eval.heldout import HeldOut, label_groups, load_heldout, per_phrasing, read_split
@@ -28,6 +29,12 @@ from metadit.dit.tasks import get_task
 DEFAULT_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
                    "twenty_questions_trigger", "generated_story", "random_label", "likelihood", "activation_lens"]
 RUBRIC_JUDGES = ("embedding", "llm")  # judges on the 1-5 scale; the first one given is the tables' headline score
+
+
+def default_methods(mode: str | None) -> list[str]:
+    """`DEFAULT_METHODS` that run with an adapter of `mode` (None: no adapter, only the methods that need none)."""
+    return [m for m in DEFAULT_METHODS
+            if not METHODS[m].needs_adapter or (mode is not None and mode in METHODS[m].adapter_modes)]
 
 
 def _run_config(run: Path) -> dict[str, Any]:
@@ -101,7 +108,9 @@ def evaluate(
     Args:
         run: a fit run's log directory (holds split.json, config.yaml, adapter/); sets the defaults below.
         adapter: the DIT adapter directory (default: RUN/adapter) or a shipped adapter's short name
-            (`smollm2-topic`; its split.json is then the default split). Without one, only no-adapter methods run.
+            (`smollm2-topic`; its split.json is then the default split), of any mode (`dit`, `encoder`,
+            `dit+encoder`: an encoder mode's DiffEncoder is read from the directory). Without one, only no-adapter
+            methods run.
         split_file: the split (default: RUN/split.json).
         banks: banks to take held-out diffs from (default: the split's banks; give others to evaluate on other
             ranks or triggers — their labels must be held out from training too, or they are skipped).
@@ -109,7 +118,7 @@ def evaluate(
             split of the run (neither trained on nor used to pick the checkpoint) — for other banks (other ranks,
             other triggers).
         tasks: tasks to evaluate (default: the run's tasks).
-        methods: methods from the registry (default: all that apply).
+        methods: methods from the registry (default: all that apply, `default_methods`).
         judges: `embedding` (calibrated 1-5), `llm` (OpenAI-compatible, 1-5), `similarity`, `exact`.
         base_model: default: the run's.
         limit: evaluate at most this many held-out (diff, task) items (seeded choice).
@@ -161,11 +170,16 @@ def evaluate(
 
         base_model = DiffBank.open(banks[0]).base_model["name"]
     judges = list(judges or ["embedding", "similarity", "exact"])
-    methods = list(methods or [m for m in DEFAULT_METHODS if adapter or not METHODS[m].needs_adapter])
+    mode = adapter_mode(adapter) if adapter is not None else None
+    methods = list(methods or default_methods(mode))
     check_guesser(guesser)
     for m in methods:
-        if get_method(m).needs_adapter and adapter is None:
+        method = get_method(m)
+        if method.needs_adapter and adapter is None:
             raise MetaditError(f"method {m!r} needs a DIT adapter: give --run or --adapter")
+        if method.needs_adapter and mode not in method.adapter_modes:
+            raise MetaditError(f"method {m!r} takes {' or '.join(method.adapter_modes)}-mode adapters; {adapter} was "
+                               f"trained in mode {mode!r}")
     out_dir = Path(out) if out else (run_dir / "eval" if run_dir else None)
     if out_dir is None:
         raise MetaditError("give --out DIR (or --run, whose eval/ directory is the default)")
@@ -176,7 +190,8 @@ def evaluate(
     if trigger_search_rerank < 1:
         raise MetaditError(f"--trigger_search_rerank must be >= 1, got {trigger_search_rerank}")
 
-    config = {"run": run, "adapter": adapter, "split_file": split_path, "banks": banks, "split": split, "tasks": tasks,
+    config = {"run": run, "adapter": adapter, "adapter_mode": mode, "split_file": split_path, "banks": banks,
+              "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
               "trigger_search_diffs": trigger_search_diffs, "trigger_search_vocab": trigger_search_vocab,
@@ -210,9 +225,10 @@ def evaluate(
                       "template (split group) is shared with a training label[/yellow]")
     saved = out_dir / "methods"
     # The guesser is not part of the key: a guesser-based method's evidence does not depend on it (re-guessed below).
+    # Nor is the adapter's mode: the adapter's path is, and keys from before the mode was recorded stay valid.
     key = _fingerprint({k: v for k, v in config.items() if k not in (
         "methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "trigger_search_vocab",
-        "trigger_search_rerank", "train_labels", "guesser", "reuse")})
+        "trigger_search_rerank", "train_labels", "guesser", "reuse", "adapter_mode")})
     sources = [saved] + ([Path(reuse) / "methods"] if reuse else [])
     rows: list[dict[str, Any]] = []
     for name in methods:

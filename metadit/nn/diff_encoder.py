@@ -60,6 +60,9 @@ class DiffEncoder(nn.Module):
         super().__init__()
         self.width, self.proj_dim, self.max_rank, self.k = width, proj_dim, max_rank, soft_tokens
         self.seed, self.max_layers = seed, max_layers
+        # What rebuilds it from saved weights: the shapes alone do not give the heads or the projections' seed.
+        self.settings = {"width": width, "proj_dim": proj_dim, "max_rank": max_rank, "depth": depth, "heads": heads,
+                         "soft_tokens": soft_tokens, "max_layers": max_layers, "seed": seed}
         feat = max_rank * (1 + 2 * proj_dim)
         self.inp = nn.Linear(feat, width)
         self.layer_emb = nn.Embedding(max_layers, width)
