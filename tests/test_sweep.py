@@ -194,6 +194,16 @@ cells:
     assert not any(p.name.endswith(".log") for p in (tmp_path / "root").rglob("*"))  # nothing ran
 
 
+def test_dry_run_with_a_relative_root(tmp_path, capsys, monkeypatch):
+    """The default root is relative (runs/sweeps): Snakemake, which runs in ROOT/.workflows/STUDY, is still given
+    markers it can find (a relative target used to be one it has no rule for)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--config", str(TINY), "--root", "rel/sweeps", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Snakemake's dry run" in out and "MissingRuleException" not in out and "dry run failed" not in out
+    assert not any(p.name.endswith(".log") for p in (tmp_path / "rel").rglob("*"))  # nothing ran
+
+
 def test_snakemake_command_and_engine_arguments(tmp_path, capsys):
     from metadit.eval.sweep import SNAKEFILE, snakemake_command
 

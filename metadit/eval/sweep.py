@@ -456,7 +456,9 @@ def snakemake_command(layout: Layout, plan: Path, targets: list[Path], engine_ar
         cmd += ["--cores", "1"] if executor == "local" else ["--jobs", "unlimited"]
     if dry_run:
         cmd += ["--dry-run", "--printshellcmds", "--nolock"]
-    return cmd + list(engine_args) + ["--", *map(str, targets)]
+    # Snakemake resolves relative targets against --directory (the workflow's state), not the caller's directory:
+    # the markers are named absolutely, as the plan names them.
+    return cmd + list(engine_args) + ["--", *(str(Path(t).resolve()) for t in targets)]
 
 
 def require_snakemake(executor: str) -> None:
