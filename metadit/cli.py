@@ -266,7 +266,7 @@ def _eval(argv: list[str]) -> int:
 COMMANDS["eval"] = Command("DIT and the baselines on a fit run's held-out diffs: metadit eval --run RUN_DIR",
                            run=_eval, passthrough=True)  # type: ignore[arg-type]
 def _study_command(name: str, help: str, module: str) -> None:
-    """`sweep` and `report`: arguments and run live in metadit.eval.<module> (imported when used)."""
+    """`sweep`, `report`, `judge` and `diff`: arguments and run live in metadit.eval.<module> (imported when used)."""
     import importlib
 
     COMMANDS[name] = Command(help, lambda p: importlib.import_module(module).add_arguments(p),
@@ -275,6 +275,9 @@ def _study_command(name: str, help: str, module: str) -> None:
 
 _study_command("sweep", "run a study's cells resumably: metadit sweep --config configs/sweep/FILE.yaml", "metadit.eval.sweep")
 _study_command("report", "tables, plots and results.json for a study: metadit report --study NAME", "metadit.eval.report")
+_study_command("judge", "the offline judge on real outputs: metadit judge sheet --rows ROWS... --out DIR (a blind "
+               "labelling sheet), metadit judge calibrate --key DIR/key.jsonl --labels DIR/labels.jsonl",
+               "metadit.eval.judge_calibration")
 _study_command("diff", "model diffing, base model vs base + one diff: metadit diff crosscoder --diff BANK:I --out DIR",
                "metadit.eval.model_diff")
 def _ask_args(p: argparse.ArgumentParser) -> None:

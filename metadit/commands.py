@@ -4,5 +4,5 @@ Below every layer so that what runs subcommands (a sweep's steps) can check a na
 `metadit.cli` defines each one and a test keeps the two in step.
 """
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "ask", "diff", "bank", "bench")
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "judge", "ask", "diff", "bank", "bench")
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")

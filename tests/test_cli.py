@@ -17,9 +17,9 @@ def test_help_lists_every_subcommand(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "ask", "diff", "bank", "bench"]:
+    for name in ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "judge", "ask", "diff", "bank", "bench"]:
         assert name in out
-    assert ORDER == ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "ask", "diff", "bank", "bench"]
+    assert ORDER == ["fit", "validate", "test", "predict", "gen", "eval", "sweep", "report", "judge", "ask", "diff", "bank", "bench"]
 
 
 @pytest.mark.parametrize("name", ORDER)

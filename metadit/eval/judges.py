@@ -14,7 +14,8 @@
 `CalibratedEmbeddingJudge` maps the MiniLM cosine to 1–5 with four increasing thresholds per task kind
 (`topic`, `headline`), fitted to maximise exact agreement with hand-labelled pairs shipped in
 `metadit/eval/data/judge_calibration.jsonl`. `python -m metadit.eval.judges` measures how well it agrees
-with those labels under cross-validation and writes `reports/judges/`.
+with those labels under cross-validation and writes `reports/judges/`; `metadit judge sheet|calibrate`
+(`metadit.eval.judge_calibration`) fit and measure the thresholds on real predictions labelled blind.
 
 `OpenAIChat` wraps the official `openai` client for any OpenAI-compatible `/chat/completions` endpoint, configured
 by arguments or METADIT_LLM_BASE_URL / METADIT_LLM_MODEL / METADIT_LLM_API_KEY (or OPENAI_API_KEY). `LLMJudge`
