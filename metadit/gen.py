@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -239,13 +239,92 @@ def train_full_diff(model: Any, tok: Any, recipe: Any, spec: dict[str, Any], set
     return deltas, loss
 
 
+# ---------------------------------------------------------------------- K per pass
+DEFAULT_DIFFS_PER_PASS = 16  # what `diffs_per_pass auto` means off CUDA: the K every CPU bank has been built with
+AUTO_HEADROOM = 0.8  # share of the free device memory auto sizing fills: the rest absorbs the KL teacher's forward,
+# backward temporaries and allocator fragmentation, which `diff_bytes` does not count
+
+
+def diff_bytes(config: Any, rank: int, rows_per_diff: int, seq_tokens: int, answer_tokens: int,
+               dtype: torch.dtype) -> int:
+    """Device memory one more diff adds to a training pass (bytes), estimated from the model's config.
+
+    - its trainable factors on the seven target Linears of each layer (q, k, v, o, gate, up, down:
+      `rank · Σ (in + out)`), in fp32, with their gradients and AdamW's two moments: 16 bytes a number;
+    - the activations its `rows_per_diff` rows of `seq_tokens` tokens keep for the backward pass, in `dtype`,
+      per token and layer: `5·hidden + 4·q_width + 4·kv_width + 4·intermediate + 7·rank` numbers (the norms'
+      inputs and outputs, q/k/v and the attention output, the MLP's gate, up, SiLU and product, the seven
+      `x Aᵀ`), plus eager attention's probabilities, `heads · seq_tokens`;
+    - the logits of its `answer_tokens` scored positions: `vocab` numbers in `dtype`, plus three fp32 copies
+      (the upcast, the log-softmax and its gradient).
+
+    The base weights are not counted: they are on the device already when the free memory is read.
+    """
+    c = getattr(config, "text_config", config)  # multimodal configs (Gemma 3) nest the language model's
+    hidden, inter, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    per_layer_fan = (hidden + q_width) + 2 * (hidden + kv_width) + (q_width + hidden) + 2 * (hidden + inter) \
+        + (inter + hidden)
+    factors = 16 * rank * per_layer_fan * layers
+    size = torch.empty((), dtype=dtype).element_size()
+    saved = 5 * hidden + 4 * q_width + 4 * kv_width + 4 * inter + 7 * rank + heads * seq_tokens
+    activations = rows_per_diff * seq_tokens * layers * saved * size
+    logits = rows_per_diff * answer_tokens * vocab * (size + 3 * 4)
+    return factors + activations + logits
+
+
+def auto_diffs_per_pass(free_bytes: int, config: Any, rank: int, rows_per_diff: int, seq_tokens: int,
+                        answer_tokens: int, dtype: torch.dtype, where: str = "the device") -> int:
+    """K for `diffs_per_pass auto`: as many diffs as `AUTO_HEADROOM` of `free_bytes` holds at `diff_bytes` each;
+    one clear error when not even one fits."""
+    each = diff_bytes(config, rank, rows_per_diff, seq_tokens, answer_tokens, dtype)
+    k = int(free_bytes * AUTO_HEADROOM) // each
+    if k < 1:
+        raise MetaditError(f"diffs_per_pass auto: one diff needs ~{each / 2**30:.2f} GiB but {where} has "
+                           f"{free_bytes / 2**30:.2f} GiB free ({AUTO_HEADROOM:.0%} usable); shorten rows "
+                           "(sizing_tokens, train.max_answer_tokens), lower train.rank, or free the device")
+    return k
+
+
+def resolve_diffs_per_pass(diffs_per_pass: int | str, model: Any, train: "TrainSettings", sizing_tokens: int) -> int:
+    """The K a build uses: an integer as given; `auto` sized to the free memory of the CUDA device the model is
+    on (`auto_diffs_per_pass`), and `DEFAULT_DIFFS_PER_PASS` on a CPU or for full finetunes (trained one at a
+    time, so K does not scale their memory)."""
+    if diffs_per_pass != "auto":
+        if isinstance(diffs_per_pass, bool) or not isinstance(diffs_per_pass, int) or diffs_per_pass < 1:
+            raise MetaditError(f"diffs_per_pass must be a positive integer or auto, got {diffs_per_pass!r}")
+        return diffs_per_pass
+    param = next(model.parameters()) if model is not None else None
+    if param is None or param.device.type != "cuda" or train.full_finetune:
+        return DEFAULT_DIFFS_PER_PASS
+    free = int(torch.cuda.mem_get_info(param.device)[0])
+    return auto_diffs_per_pass(free, model.config, train.rank, 1, sizing_tokens, train.max_answer_tokens + 1,
+                               param.dtype, where=str(param.device))
+
+
+def _sizes_on_device(diffs_per_pass: int | str, device: str) -> bool:
+    """Does K depend on the loaded model (auto on CUDA)? Then the model loads before the passes are made."""
+    return diffs_per_pass == "auto" and torch.device(device).type == "cuda"
+
+
+def _train_device(device: str) -> str:
+    """`cuda` under torchrun is this rank's GPU, `cuda:LOCAL_RANK`; anything else as given."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
 # ---------------------------------------------------------------------- the bank build
 def generate_bank(
     recipe: "Recipe",
     bank: str,
     base_model: str = "smollm2-135m-instruct",
     n_diffs: int = 16,
-    diffs_per_pass: int = 16,
+    diffs_per_pass: int | Literal["auto"] = DEFAULT_DIFFS_PER_PASS,
     train: TrainSettings = TrainSettings(),
     seed: int = 0,
     store_dtype: str = "float32",
@@ -256,6 +335,8 @@ def generate_bank(
     progress: bool = True,
     dtype: str = "bfloat16",
     chat_format: str = "default",
+    device: str = "cpu",
+    sizing_tokens: int = 256,
 ) -> dict[str, Any]:
     """Build (or resume) a diff bank.
 
@@ -265,7 +346,12 @@ def generate_bank(
         base_model: `smollm2-135m-instruct` (embedded), `tiny-random-smollm2`, a Hugging Face id or a directory.
         n_diffs: how many diffs the bank should hold from this recipe and seed (indices 0 .. n_diffs-1).
         diffs_per_pass: K, the diffs trained at once (batch row i = diff i); full finetunes: trained one after
-            another, then checked and stored together.
+            another, then checked and stored together. K changes a diff only by rounding (the batch's shapes), so
+            a bank resumes bit-identically with the K it was built with. `auto`: on a CUDA device, as many as
+            80 % of its free memory holds once the model is loaded (`diff_bytes`: factors and AdamW state, the
+            activations of a `sizing_tokens`-token row, the scored logits; printed, and in the returned stats),
+            or one clear error if not even one fits; it follows the free memory, so give the printed K to resume
+            bit-identically elsewhere. On a CPU (and for full finetunes) `auto` is 16, the default.
         train: rank, steps, learning rate and loss settings of each diff (or `full_finetune` + `store_rank`).
         seed: the bank's seed; each diff's spec is a function of (recipe, seed, index).
         store_dtype: dtype of the stored factors (float32 or bfloat16).
@@ -279,6 +365,10 @@ def generate_bank(
             it natively, else fp32). Diffs depend on it: a bank records it (when not bf16) and resumes only with it.
         chat_format: prompt layout (`default`, `no_system`: without the template's default system prompt);
             recorded in the bank (when not default), and DIT training and evaluation use the bank's.
+        device: where the model trains: `cpu`, `cuda`, `cuda:1`, ... (under torchrun, `cuda` is each rank's
+            `cuda:LOCAL_RANK`).
+        sizing_tokens: with `diffs_per_pass auto` on CUDA, the longest row (prompt + answer tokens) K is sized
+            for; rows longer than this may not fit.
     """
     from rich.console import Console
 
@@ -288,7 +378,8 @@ def generate_bank(
     console = Console(stderr=True)
     if chat_format not in CHAT_FORMATS:
         raise MetaditError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
-    compute = str(resolve_dtype(dtype)).removeprefix("torch.")
+    device = _train_device(device)
+    compute = str(resolve_dtype(dtype, device)).removeprefix("torch.")
     rank, world_size, local_world_size = torchrun_ranks(rank, world_size)
     if processes > 1 and world_size == 1:
         raise MetaditError(f"processes={processes}: several ranks run under torchrun — `metadit gen --processes "
@@ -324,19 +415,28 @@ def generate_bank(
     done = {r["meta"].get("key") for r in db.rows}
     specs = [recipe.spec(i, seed) for i in range(n_diffs)]
     todo = [s for s in specs if s["key"] not in done]
+
+    def load() -> tuple[Any, Any]:
+        model, tok = load_base_model(base_model, dtype=compute, device=device, chat_format=chat_format)
+        patch_model(model)
+        db.check_model(model)
+        return model, tok
+
+    model, tok = load() if todo and _sizes_on_device(diffs_per_pass, device) else (None, None)
+    diffs_per_pass = resolve_diffs_per_pass(diffs_per_pass, model, train, sizing_tokens)
     passes = [todo[i : i + diffs_per_pass] for i in range(0, len(todo), diffs_per_pass)]
     passes = passes[rank::world_size]
     n_mine = sum(map(len, passes))
     console.print(f"[bold]metadit gen[/bold] {path}: {len(specs) - len(todo)}/{len(specs)} diffs present; "
                   f"{n_mine} to make on {writer} in {len(passes)} passes of up to {diffs_per_pass}")
     stats: dict[str, Any] = {"bank": str(path), "made": 0, "passed": 0, "gated": 0, "seconds": 0.0,
-                             "phase_seconds": {"text": 0.0, "train": 0.0, "check": 0.0, "append": 0.0}}
+                             "phase_seconds": {"text": 0.0, "train": 0.0, "check": 0.0, "append": 0.0},
+                             "diffs_per_pass": diffs_per_pass}
     phase = stats["phase_seconds"]
     if not passes:
         return stats
-    model, tok = load_base_model(base_model, dtype=compute, chat_format=chat_format)
-    patch_model(model)
-    db.check_model(model)
+    if model is None:
+        model, tok = load()
     cache = TextCache(text_cache_key(identity, compute), writer=writer)
     recipe.setup(model, tok, cache)
     store = getattr(torch, store_dtype)
@@ -490,7 +590,8 @@ def validate_recipe(recipe: Any, base_model: str) -> None:
 
 def launch_ranks(argv: Sequence[str], processes: int, recipe: Any, bank: str, base_model: str = "smollm2-135m-instruct",
                  train: TrainSettings = TrainSettings(), seed: int = 0, dtype: str = "bfloat16",
-                 chat_format: str = "default", threads: int | None = None, **_: Any) -> dict[str, Any]:
+                 chat_format: str = "default", threads: int | None = None, device: str = "cpu",
+                 **_: Any) -> dict[str, Any]:
     """`metadit gen --processes N ARGS`: `torchrun --standalone --nproc_per_node N -m metadit.cli gen ARGS` (the
     ranks see torchrun's environment and ignore --processes), after the checks and the bank creation that a
     failing rank would otherwise report N times."""
@@ -498,7 +599,7 @@ def launch_ranks(argv: Sequence[str], processes: int, recipe: Any, bank: str, ba
     from metadit.models import resolve_dtype
 
     validate_recipe(recipe, base_model)
-    compute = str(resolve_dtype(dtype)).removeprefix("torch.")
+    compute = str(resolve_dtype(dtype, device)).removeprefix("torch.")
     DiffBank.create(bank, base_model=identity_of(base_model), exist_ok=True,
                     info=recipe_settings(recipe, train, seed, compute, chat_format))
     per_rank = threads or max(1, (os.cpu_count() or 2) // processes)

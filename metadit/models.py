@@ -219,6 +219,13 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_flag("avx512_bf16", "amx_bf16")
 
 
+def pins_host_memory(device: str | torch.device) -> bool:
+    """Should host tensors bound for `device` be staged in pinned (page-locked) memory? Only for CUDA: a copy from
+    pinned memory runs asynchronously (`non_blocking=True`) and at full bus speed, and a CPU run has no copy to
+    make (CPU-only torch cannot even pin). The one place the choice is made, so a CPU run is untouched."""
+    return torch.device(device).type == "cuda"
+
+
 def _cpu_flag(*names: str) -> bool:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))

@@ -273,3 +273,80 @@ def test_entries_record_the_commit_of_the_checkout_that_ran_not_of_the_working_d
     assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(bank), "--progress", "false",
                  "--n_diffs", "2", "--diffs_per_pass", "2"]) == 0
     assert {DiffBank.open(bank).meta(i)["commit"] for i in range(2)} == {git_commit()}
+
+
+# ---------------------------------------------------------------------- diffs_per_pass auto
+def _small_config():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8)
+
+
+def test_diff_bytes_is_the_hand_computed_sum_of_factors_activations_and_logits():
+    from metadit.gen import diff_bytes
+    from metadit.nn import layer_shapes
+    from tests.conftest import tiny_qwen3
+
+    # hidden 32, intermediate 48, 2 layers, 4 heads x 8 (q width 32), 2 kv heads x 8 (kv width 16), vocab 128.
+    # Σ (in + out) of a layer's q, k, v, o, gate, up, down: 64 + 2·48 + 64 + 2·80 + 80 = 464; the patched model agrees.
+    model = tiny_qwen3()
+    patch_model(model)
+    assert sum(i + o for i, o in layer_shapes(model).values()) == 2 * 464
+    factors = 16 * 2 * 464 * 2  # rank 2, 16 bytes a number (fp32 factor, gradient, two AdamW moments), 2 layers
+    saved = 5 * 32 + 4 * 32 + 4 * 16 + 4 * 48 + 7 * 2 + 4 * 10  # per token and layer, 10-token rows: 598
+    assert saved == 598
+    fp32 = factors + 1 * 10 * 2 * saved * 4 + 1 * 5 * 128 * (4 + 12)
+    assert diff_bytes(_small_config(), rank=2, rows_per_diff=1, seq_tokens=10, answer_tokens=5,
+                      dtype=torch.float32) == fp32 == 87776
+    bf16_two_rows = factors + 2 * 10 * 2 * saved * 2 + 2 * 5 * 128 * (2 + 12)
+    assert diff_bytes(_small_config(), rank=2, rows_per_diff=2, seq_tokens=10, answer_tokens=5,
+                      dtype=torch.bfloat16) == bf16_two_rows == 95456
+
+
+def test_auto_diffs_per_pass_fills_80_percent_of_free_memory_and_refuses_when_one_does_not_fit():
+    from metadit.gen import auto_diffs_per_pass
+    from metadit.models import model_config
+
+    small = dict(config=_small_config(), rank=2, rows_per_diff=1, seq_tokens=10, answer_tokens=5, dtype=torch.float32)
+    assert auto_diffs_per_pass(1_000_000, **small) == 9  # 800,000 // 87,776
+    assert auto_diffs_per_pass(87776 * 10 * 10 // 8, **small) == 10  # exactly ten fit in 80 %
+    with pytest.raises(MetaditError, match=r"one diff needs ~0\.00 GiB but the device has 0\.00 GiB free") as e:
+        auto_diffs_per_pass(100_000, **small)
+    assert "\n" not in str(e.value)
+    # Qwen3-8B (the shipped config): hidden 4096, intermediate 12288, 36 layers, 32 q heads and 8 kv heads of 128,
+    # vocab 151936; rank 1, 256-token rows, 25 scored tokens, bf16.
+    fan = 8192 + 2 * 5120 + 8192 + 2 * 16384 + 16384  # 75,776
+    per_diff = 16 * fan * 36 + 256 * 36 * (20480 + 16384 + 4096 + 49152 + 7 + 32 * 256) * 2 + 25 * 151936 * 14
+    assert per_diff == 1_908_892_928  # ~1.78 GiB
+    qwen = dict(config=model_config("qwen3-8b"), rank=1, rows_per_diff=1, seq_tokens=256, answer_tokens=25,
+                dtype=torch.bfloat16)
+    free = 120 * 2**30  # an H200 with Qwen3-8B's 16 GB of weights loaded
+    assert auto_diffs_per_pass(free, **qwen) == int(free * 0.8) // per_diff == 53
+    with pytest.raises(MetaditError, match="one diff needs ~1.78 GiB but cuda:0 has 1.00 GiB free"):
+        auto_diffs_per_pass(2**30, **qwen, where="cuda:0")
+
+
+def test_diffs_per_pass_auto_is_16_on_a_cpu_and_an_integer_is_kept(tmp_path, capsys):
+    from metadit.gen import DEFAULT_DIFFS_PER_PASS, resolve_diffs_per_pass
+    from tests.conftest import tiny_qwen3
+
+    model = tiny_qwen3()
+    assert DEFAULT_DIFFS_PER_PASS == 16
+    assert resolve_diffs_per_pass("auto", model, TrainSettings(), 256) == 16
+    assert resolve_diffs_per_pass("auto", None, TrainSettings(), 256) == 16
+    assert resolve_diffs_per_pass(3, model, TrainSettings(), 256) == 3
+    for bad in (0, -2, True):
+        with pytest.raises(MetaditError, match="diffs_per_pass must be a positive integer or auto"):
+            resolve_diffs_per_pass(bad, model, TrainSettings(), 256)
+    # end to end: auto on the CPU is K = 16, and makes the diffs K = 16 makes, bit for bit
+    banks = {}
+    for k in ("auto", "16"):
+        banks[k] = tmp_path / f"bank-{k}"
+        assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(banks[k]),
+                     "--progress", "false", "--n_diffs", "2", "--diffs_per_pass", k]) == 0
+        assert "1 passes of up to 16" in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert [r["sha256"] for r in DiffBank.open(banks["auto"]).rows] == [r["sha256"] for r in DiffBank.open(banks["16"]).rows]
+    assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(tmp_path / "bad"),
+                 "--diffs_per_pass", "lots"]) == 1
+    assert "diffs_per_pass" in capsys.readouterr().err

@@ -199,3 +199,36 @@ def test_device_check_script_runs_end_to_end_on_cpu_on_a_tiny_config(tmp_path):
     assert all(b["device"] == "cpu" for b in summary["bench"].values())
     assert json.loads((out / "env.json").read_text())["device"] == "cpu"
     assert "1 passed" in (out / "tests.txt").read_text()
+
+
+def test_host_memory_is_pinned_only_for_a_cuda_target(tiny_topic_bank):
+    """The decision alone (this machine's torch cannot pin): CUDA targets pin, a CPU run's loaders are as before,
+    and stacking a bank's diffs for a CPU model gives the same factors as ever (scale folded in, zero-padded)."""
+    import lightning as L
+
+    from metadit.bank import DiffBank
+    from metadit.dit.data import DiffQADataModule
+    from metadit.models import TINY_NAME, load_base_model, pins_host_memory
+    from metadit.nn import DiffBatch, layer_shapes, patch_model
+
+    assert all(pins_host_memory(d) for d in ("cuda", "cuda:1", torch.device("cuda", 0)))
+    assert not any(pins_host_memory(d) for d in ("cpu", torch.device("cpu"), "meta"))
+    data = DiffQADataModule([str(tiny_topic_bank)], base_model=TINY_NAME, val_labels=2, batch_size=4)
+    assert data.target_device() == torch.device("cpu") and not data.pins_memory()
+    data.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data.setup("fit")
+    assert data.target_device().type == "cpu" and not data.pins_memory()
+    loader = data.train_dataloader()
+    assert loader.pin_memory is False
+    batch = next(iter(loader))
+    assert not batch["input_ids"].is_pinned() and len(batch["diffs"]) == 4
+
+    model, _ = load_base_model(TINY_NAME, dtype=torch.float32)
+    patch_model(model)
+    diffs = [d for d, _ in DiffBank.open(tiny_topic_bank)][:3]
+    stacked = DiffBatch.from_diffs([diffs[0], None, diffs[2]], layer_shapes(model), dtype=torch.float32)
+    for name, rows in stacked.factors.items():
+        assert rows.A.device.type == "cpu" and not rows.A.is_pinned()
+        torch.testing.assert_close(rows.A[0], diffs[0].A[name].float() * diffs[0].scale[name], rtol=0, atol=0)
+        torch.testing.assert_close(rows.B[2], diffs[2].B[name].float(), rtol=0, atol=0)
+        assert not rows.A[1].any() and not rows.B[1].any()

@@ -267,7 +267,22 @@ class DiffQADataModule(L.LightningDataModule):
         from torch.utils.data import DistributedSampler
 
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=0)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=0,
+                          pin_memory=self.pins_memory())
+
+    def target_device(self) -> torch.device:
+        """Where the batches go: the trainer's root device (CPU when no trainer is attached)."""
+        trainer = getattr(self, "trainer", None)
+        return torch.device(trainer.strategy.root_device) if trainer is not None else torch.device("cpu")
+
+    def pins_memory(self) -> bool:
+        """Pin each batch's token tensors for a CUDA run (`pins_host_memory`), so they go over asynchronously.
+
+        The batch's diffs stay as read from the bank: `DiffBatch.from_diffs` stacks them into pinned memory
+        itself, and pinning them here as well would add a copy of every factor."""
+        from metadit.models import pins_host_memory
+
+        return pins_host_memory(self.target_device())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.shuffle)

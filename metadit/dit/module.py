@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import torch
 
 from metadit.errors import MetaditError
-from metadit.models import training_attention
+from metadit.models import pins_host_memory, training_attention
 from metadit.nn import DiffBatch, DiffEncoder, layer_shapes, use_diffs
 from metadit.dit.adapter import DITReader, Mode, check_mode
 from metadit.dit.base import FLAT_KEYS, PatchedBaseModel
@@ -141,7 +141,9 @@ class DITModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
         # Only the token tensors move; diffs are stacked onto the device per batch by `DiffBatch.from_diffs`.
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # Non-blocking where the data module pinned them (a CUDA run); on a CPU run `to` is a no-op either way.
+        non_blocking = pins_host_memory(device)
+        return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ the forward
     @property

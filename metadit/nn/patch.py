@@ -12,6 +12,7 @@ from torch import nn
 
 from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
+from metadit.models import pins_host_memory
 from metadit.nn.diff_linear import DiffLinear, RowFactors
 
 # Llama, Qwen2/Qwen3, Mistral and Gemma 2/3 all name their projections this way.
@@ -106,7 +107,11 @@ class DiffBatch:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> "DiffBatch":
-        """`shapes[name] = (in_features, out_features)` of every patched layer (see `layer_shapes`)."""
+        """`shapes[name] = (in_features, out_features)` of every patched layer (see `layer_shapes`).
+
+        For a CUDA `device`, a module whose factors all sit on the host (a bank's diffs) is stacked in pinned host
+        memory and sent in one asynchronous copy per tensor (`pins_host_memory`), instead of one blocking copy per
+        row; the values are the same (the scale is folded in fp32 and cast to `dtype` either way)."""
         n = len(diffs)
         if n == 0:
             raise MetaditError("use_diffs: got an empty list of diffs")
@@ -128,8 +133,11 @@ class DiffBatch:
             if not present:
                 continue
             r = max(d.A[name].shape[0] for d in present)
-            A = torch.zeros(n, r, fan_in, dtype=dtype, device=device)
-            B = torch.zeros(n, fan_out, r, dtype=dtype, device=device)
+            staged = pins_host_memory(device) and all(d.A[name].device.type == d.B[name].device.type == "cpu"
+                                                      for d in present)
+            at = "cpu" if staged else device
+            A = torch.zeros(n, r, fan_in, dtype=dtype, device=at, pin_memory=staged)
+            B = torch.zeros(n, fan_out, r, dtype=dtype, device=at, pin_memory=staged)
             for i, d in enumerate(diffs):
                 if d is None or name not in d.A:
                     continue
@@ -147,6 +155,8 @@ class DiffBatch:
                     )
                 A[i, :ri] = a.to(torch.float32) * d.scale[name]  # fold the scale in (in fp32, then cast)
                 B[i, :, :ri] = b
+            if staged:  # the pinned buffers outlive the copies: torch's host allocator waits on them before reuse
+                A, B = A.to(device, non_blocking=True), B.to(device, non_blocking=True)
             factors[name] = RowFactors(A, B)
         return cls(factors, n)
 
