@@ -86,3 +86,17 @@ def tiny_topic_bank(tmp_path_factory):
     d = tmp_path_factory.mktemp("session-banks") / "topic"
     assert main(["gen", "--config", str(root / "configs/gen/tiny_topic.yaml"), "--bank", str(d), "--progress", "false"]) == 0
     return d
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Parsing a config must not load any model."""
+    import transformers
+
+    import metadit.models as models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded while parsing a config")
+
+    monkeypatch.setattr(models, "load_base_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)

@@ -30,20 +30,6 @@ DATA = ROOT / "data_gen/data"
 TUNE_SEED = 100  # the tuning rounds' seed (the headers of configs/gen/smol_cell_*.yaml)
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Parsing a config must not load any model."""
-    import transformers
-
-    import metadit.models as models
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded while parsing a config")
-
-    monkeypatch.setattr(models, "load_base_model", refuse)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
 def _load(path: Path, *overrides: str):
     parser = gen_parser()
     return parser.instantiate_classes(parser.parse_args(["--config", str(path), *overrides]))

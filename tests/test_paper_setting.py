@@ -17,20 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_DEVICE = os.environ.get("METADIT_TEST_DEVICE", "cpu")
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Parsing a config must not load any model."""
-    import transformers
-
-    import metadit.models as models
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded while parsing a config")
-
-    monkeypatch.setattr(models, "load_base_model", refuse)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
 def test_qwen3_gen_configs_are_the_papers_setting(no_weights):
     pytest.importorskip("jsonargparse")
     from metadit.gen import gen_parser

@@ -60,6 +60,7 @@ from typing import Any
 from metadit.errors import MetaditError
 from metadit.eval.judges import (CALIBRATED_TASKS, RUBRICS, EmbeddingJudge, agreement, apply_thresholds, calibrate,
                                  fit_thresholds)
+from metadit.eval.rows import read_jsonl
 from metadit.eval.stats import bootstrap_mean
 
 TODAY_SCORE = "embedding"  # the rows' column the sheet stratifies on: the calibrated MiniLM judge, 1-5
@@ -116,22 +117,6 @@ class Candidate:
         return (self.task, self.method, self.score)
 
 
-def _read_jsonl(path: Path, what: str) -> list[tuple[int, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise MetaditError(f"{what} {path}: cannot read ({e.strerror or e})") from e
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((i, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise MetaditError(f"{path}:{i}: not JSON ({e.msg})") from e
-    return out
-
-
 def _today_score(row: dict[str, Any], where: str) -> int:
     scores = row["scores"]
     value = scores.get(TODAY_SCORE) if isinstance(scores, dict) else None
@@ -150,7 +135,7 @@ def collect_candidates(sources: Sequence[RowsSource]) -> tuple[list[Candidate], 
     by_pair: dict[tuple[str, str, str], Candidate] = {}
     skipped: dict[str, int] = defaultdict(int)
     for src in sources:
-        for line, row in _read_jsonl(src.path, "rows file"):
+        for line, row in read_jsonl(src.path, "rows file"):
             where = f"{src.path}:{line}"
             if not isinstance(row, dict):
                 raise MetaditError(f"{where}: a row must be a JSON object")
@@ -283,7 +268,7 @@ def read_key(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     key = []
     seen: set[int] = set()
-    for line, r in _read_jsonl(path, "key"):
+    for line, r in read_jsonl(path, "key"):
         missing = [c for c in ("item", "task", "method", "prediction", "truth") if not isinstance(r, dict) or c not in r]
         if missing:
             raise MetaditError(f"{path}:{line}: a key line lacks {', '.join(missing)} (write it with metadit judge sheet)")
@@ -302,7 +287,7 @@ def read_labels(path: str | Path, key_items: set[Any]) -> dict[Any, int]:
     """item → score; a score outside 1..5, an item twice, or an item the key does not hold is an error."""
     path = Path(path)
     labels: dict[Any, int] = {}
-    for line, r in _read_jsonl(path, "labels"):
+    for line, r in read_jsonl(path, "labels"):
         if not isinstance(r, dict) or "item" not in r or "score" not in r:
             raise MetaditError(f"{path}:{line}: a label line is {{\"item\": N, \"score\": 1..5}}")
         s = r["score"]

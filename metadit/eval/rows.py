@@ -151,21 +151,29 @@ def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a rows.jsonl file; a line that is not a JSON object with a `method` is an error."""
+def read_jsonl(path: str | Path, what: str = "rows file") -> list[tuple[int, Any]]:
+    """(1-based line number, parsed value) of every non-blank line of a JSON-lines file; unreadable or not JSON: an
+    error naming `what`, the file and the line."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise MetaditError(f"{path}: cannot read ({e})") from e
-    rows = []
+        raise MetaditError(f"{what} {path}: cannot read ({e.strerror or e})") from e
+    out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            out.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise MetaditError(f"{path}:{i}: not JSON ({e})") from e
+            raise MetaditError(f"{path}:{i}: not JSON ({e.msg})") from e
+    return out
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a rows.jsonl file; a line that is not a JSON object with a `method` is an error."""
+    rows = []
+    for i, r in read_jsonl(path):
         if not isinstance(r, dict) or "method" not in r:
             raise MetaditError(f"{path}:{i}: a row must be a JSON object with a `method`")
         rows.append(r)
