@@ -390,7 +390,7 @@ def generate_bank(
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // local_world_size))
     torch.manual_seed(seed)
     from metadit.bank import DiffBank, identity_of
-    from metadit.text import TextCache
+    from metadit.text import TextCache, text_cache_key
     from metadit.models import load_base_model
     from metadit.nn import patch_model
 
@@ -437,7 +437,7 @@ def generate_bank(
         return stats
     if model is None:
         model, tok = load()
-    cache = TextCache(text_cache_key(identity, compute), writer=writer)
+    cache = TextCache(text_cache_key(identity, compute, device), writer=writer)
     recipe.setup(model, tok, cache)
     store = getattr(torch, store_dtype)
     start = time.time()
@@ -505,12 +505,6 @@ def _full_meta(diff: Any, store_rank: int) -> dict[str, Any]:
             "relative_error": round(float(info["relative_error"]), 6),
             "relative_error_per_module": {n: round(float(e), 6)
                                           for n, e in sorted(info.get("relative_error_per_module", {}).items())}}
-
-
-def text_cache_key(identity: dict[str, str], dtype: str = "bfloat16") -> str:
-    """The text cache of a model computed in `dtype` (bf16's key has no suffix: caches made before it existed)."""
-    key = f"{identity['name'].replace('/', '--')}-{identity['fingerprint']}"
-    return key if dtype == "bfloat16" else f"{key}-{dtype}"
 
 
 def recipe_settings(recipe: Any, train: TrainSettings, seed: int, dtype: str = "bfloat16",

@@ -334,15 +334,18 @@ def random_model_from_config(name_or_file: str, layers: int | None = None, dtype
 
 @contextmanager
 def training_attention(model: Any, implementation: str = "eager") -> Iterator[None]:
-    """Train with `implementation` attention, then restore the model's own (its generation keeps its numerics).
+    """On CPU, train with `implementation` attention, then restore the model's own (its generation keeps its
+    numerics); on any other device, change nothing.
 
-    Why eager: on CPU, torch's flash-attention backward on ~70-token rows took ~20 % of a K = 16 step of the
+    Why eager on CPU: torch's flash-attention backward on ~70-token rows took ~20 % of a K = 16 step of the
     hidden-topic recipe (profiled; `aten::_scaled_dot_product_flash_attention_for_cpu_backward`), eager's
-    softmax + two bmm's ~3 %. Generation stays on the loaded implementation: sdpa and eager greedy answers differ
-    in bf16, and the recipes' text cache is keyed by model + prompt.
+    softmax + two bmm's ~3 %. On a GPU the fused kernels are the fast ones, so sdpa stays. Generation stays on
+    the loaded implementation: sdpa and eager greedy answers differ in bf16, and the recipes' text cache is
+    keyed by model + prompt.
     """
     before = model.config._attn_implementation
-    if before == implementation:
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if before == implementation or not on_cpu:
         yield
         return
     model.set_attn_implementation(implementation)

@@ -441,6 +441,43 @@ def test_changing_the_guesser_reguesses_saved_evidence_without_generating(run_di
     assert not (tmp_path / "bad").exists()  # refused before any model was loaded or file written
 
 
+def test_judge_calibration_rescores_a_saved_evaluation_with_thresholds_fitted_on_the_given_pairs(run_dir, tmp_path,
+                                                                                                  monkeypatch):
+    """`--judge_calibration FILE` fits the embedding judge on FILE's pairs (here topic only, as the real-output
+    half `metadit judge calibrate` writes) and, with `--reuse`, re-scores a saved evaluation without generating."""
+    import hashlib
+
+    from metadit.eval import judges as J
+
+    methods = ["dit", "no_diff"]
+    first = _eval(run_dir, tmp_path / "base", methods=methods, judges=["embedding", "exact"])
+    pairs = [("whales", "whales", 5), ("the ocean's whales", "whales", 5), ("sea mammals", "whales", 4),
+             ("dolphins", "whales", 4), ("fish", "whales", 3), ("boats", "whales", 3), ("weather", "whales", 2),
+             ("rain", "whales", 2), ("tax law", "whales", 1), ("spreadsheets", "whales", 1)]
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("".join(json.dumps({"task": "topic", "prediction": p, "truth": t, "score": y}) + "\n"
+                           for p, t, y in pairs))
+    for name in methods:
+        monkeypatch.setattr(METHODS[name], "predict", lambda *a: pytest.fail("regenerated"))
+    second = _eval(run_dir, tmp_path / "cal", methods=methods, judges=["embedding", "exact"],
+                   judge_calibration=str(cal), reuse=str(tmp_path / "base"))
+    want = J.CalibratedEmbeddingJudge(calibration_path=cal).score([r["prediction"] for r in second["rows"]],
+                                                                   [r["truth"] for r in second["rows"]])
+    assert [r["scores"]["embedding"] for r in second["rows"]] == want
+    assert [r["prediction"] for r in second["rows"]] == [r["prediction"] for r in first["rows"]]
+    assert second["config"]["judge_calibration"] == {"path": str(cal), "sha256": hashlib.sha256(cal.read_bytes()).hexdigest()}
+    assert first["config"]["judge_calibration"] is None
+    fitted = J.calibrate(cal)["thresholds"]
+    assert set(fitted) == {"topic"} and fitted["topic"] != J.calibrate()["thresholds"]["topic"]
+    with pytest.raises(MetaditError, match="thresholds for \\['topic'\\], not 'headline' \\(calibration file"):
+        J.CalibratedEmbeddingJudge(calibration_path=cal).score(["a"], ["b"], task="headline")
+    with pytest.raises(MetaditError, match="--judge_calibration .*nowhere.jsonl: no such file"):
+        _eval(run_dir, tmp_path / "bad", judge_calibration=str(tmp_path / "nowhere.jsonl"))
+    with pytest.raises(MetaditError, match="add embedding to --judges"):
+        _eval(run_dir, tmp_path / "bad", judge_calibration=str(cal))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_recorded_command_is_what_a_user_types(monkeypatch):
     from metadit.eval.results import command_line
 

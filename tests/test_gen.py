@@ -147,6 +147,26 @@ def test_training_attention_gives_the_loaded_attentions_losses_and_restores_it(t
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_training_attention_changes_nothing_off_the_cpu():
+    """Eager attention is a CPU choice (its flash backward is the slow one there): a model on another device
+    keeps its fused attention while training. A meta-device model stands in for a GPU one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from metadit.models import training_attention
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert model.config._attn_implementation == "sdpa"
+    with training_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    on_cpu = AutoModelForCausalLM.from_config(config)
+    with training_attention(on_cpu):
+        assert on_cpu.config._attn_implementation == "eager"
+    assert on_cpu.config._attn_implementation == "sdpa"
+
+
 def _gen_cmd(bank: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "metadit.cli", "gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"),
             "--bank", str(bank), "--n_diffs", "24", "--diffs_per_pass", "2", "--train.steps", "10",
@@ -350,3 +370,18 @@ def test_diffs_per_pass_auto_is_16_on_a_cpu_and_an_integer_is_kept(tmp_path, cap
     assert main(["gen", "--config", str(ROOT / "configs/gen/tiny_topic.yaml"), "--bank", str(tmp_path / "bad"),
                  "--diffs_per_pass", "lots"]) == 1
     assert "diffs_per_pass" in capsys.readouterr().err
+
+
+def test_text_cache_key_separates_dtypes_and_device_types_and_keeps_old_keys():
+    """Greedy text differs between dtypes and between CPU and GPU kernels: each (dtype, device type) gets its own
+    cache, while bf16 on the CPU keeps the key caches were made under before either was part of it."""
+    from metadit.text import text_cache_key
+
+    identity = {"name": "org/model", "fingerprint": "abc123"}
+    assert text_cache_key(identity) == "org--model-abc123"  # the key of caches made before dtype and device
+    assert text_cache_key(identity, "float32") == "org--model-abc123-float32"
+    assert text_cache_key(identity, "float32", torch.device("cpu")) == "org--model-abc123-float32"
+    assert text_cache_key(identity, "bfloat16", "cuda:1") == text_cache_key(identity, "bfloat16", "cuda")
+    assert text_cache_key(identity, "bfloat16", "cuda") == "org--model-abc123-cuda"
+    assert len({text_cache_key(identity, d, dev) for d in ("bfloat16", "float32")
+                for dev in ("cpu", "cuda", "mps")}) == 6

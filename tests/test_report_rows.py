@@ -212,3 +212,55 @@ def test_report_reads_an_evaluations_rows_file_given_with_eval(tmp_path):
         from metadit.eval.report import read_source
 
         read_source(out / "rows.jsonl")
+
+
+def _search_row(diff: int, vocab: str, rank: int | None, gate_held: bool, seconds: float, template: str = "sep") -> dict:
+    return {"diff": f"b:{diff}", "bank": "b", "index": diff, "vocab": vocab, "true_code": f"w{diff}",
+            "template": template, "true_rank": rank, "recovered": rank == 1, "top10": [], "gated": True,
+            "n_candidates": 134 if vocab == "pool" else 9000, "seconds": seconds, "gate_held": gate_held}
+
+
+def test_report_tables_the_trigger_searches_from_their_rows_with_wilson_intervals(tmp_path, monkeypatch):
+    """An evaluation's trigger_search_<vocab>.jsonl rows are gathered beside the study's rows and tabled from them
+    alone: top-1 and top-10 with Wilson intervals, strictly gated diffs first, a code that is no candidate a miss."""
+    from metadit.eval.report import read_search_rows
+    from metadit.eval.stats import wilson_interval
+
+    monkeypatch.chdir(tmp_path)
+    study = _study(tmp_path / "sweeps")
+    eval_dir = study / "topic" / "01-eval"
+    open_rows = [_search_row(0, "open", 1, True, 40.0), _search_row(1, "open", 3, True, 50.0, "access"),
+                 _search_row(2, "open", 40, True, 60.0), _search_row(3, "open", None, False, 70.0)]
+    write_rows(eval_dir / "trigger_search_open.jsonl", open_rows)
+    write_rows(eval_dir / "trigger_search_pool.jsonl", [_search_row(i, "pool", 1, True, 2.0) for i in range(3)])
+    out = tmp_path / "reports" / "headline"
+    assert main(["report", "--study", "headline", "--sweep-dir", str(study), "--out", str(out)]) == 0
+    assert len(read_search_rows(out / "trigger_search.jsonl")) == 7
+    res = json.loads((out / "results.json").read_text())
+    table = {(t["vocab"], t["group"]): t for t in res["trigger_search"]["table"]}
+    assert list(table) == [("pool", "strictly gated"), ("pool", "all"), ("open", "strictly gated"), ("open", "all")]
+    gated, every = table[("open", "strictly gated")], table[("open", "all")]
+    assert (gated["n"], gated["top1"], gated["top10"], gated["median_true_rank"]) == (3, 1 / 3, 2 / 3, 3)
+    assert gated["top1_interval"] == list(wilson_interval(1, 3)) and gated["seconds_per_diff"] == 50.0
+    assert (every["n"], every["top1"], every["top10"], every["median_true_rank"]) == (4, 0.25, 0.5, 3)
+    assert every["picked_sep_template"] == 0.75 and every["candidates"] == [9000]
+    assert table[("pool", "all")]["top1_interval"] == [list(wilson_interval(3, 3))[0], 1.0]
+    readme = (out / "README.md").read_text()
+    lo, hi = wilson_interval(1, 3)
+    assert f"| topic | 9000 (open: every word token) | strictly gated | 3 | 33% [{lo:.0%}, {hi:.0%}] |" in readme
+    # rebuilt from the rows alone, elsewhere: the same table
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("rows.jsonl", "trigger_search.jsonl"):
+        (alone / name).write_bytes((out / name).read_bytes())
+    assert main(["report", "--study", "headline", "--rows", str(alone / "rows.jsonl"), "--out", str(tmp_path / "r2")]) == 0
+    again = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert again["trigger_search"] == res["trigger_search"]
+    # a source without searches now: the stale copy goes
+    for f in eval_dir.glob("trigger_search_*.jsonl"):
+        f.unlink()
+    assert main(["report", "--study", "headline", "--sweep-dir", str(study), "--out", str(out)]) == 0
+    assert not (out / "trigger_search.jsonl").exists() and "trigger_search" not in json.loads((out / "results.json").read_text())
+    (tmp_path / "bad.jsonl").write_text('{"vocab": "open"}\n')
+    with pytest.raises(MetaditError, match=r"bad.jsonl:1: a trigger search row must be a JSON object with `vocab`"):
+        read_search_rows(tmp_path / "bad.jsonl")

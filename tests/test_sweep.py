@@ -4,6 +4,7 @@ after a kill, failing steps, changed steps, and reports from hand-made eval.json
 from __future__ import annotations
 
 import csv
+import os
 import json
 import shutil
 from pathlib import Path
@@ -213,10 +214,15 @@ def test_snakemake_command_and_engine_arguments(tmp_path, capsys):
     assert cmd[1:3] == ["-m", "snakemake"] and cmd[cmd.index("--snakefile") + 1] == str(SNAKEFILE) and SNAKEFILE.is_file()
     assert cmd[cmd.index("--directory") + 1] == str((tmp_path / ".workflows" / "s").resolve())
     assert cmd[cmd.index("--rerun-triggers") + 1] == "mtime" and "--keep-going" in cmd
-    assert cmd[cmd.index("--cores") + 1] == "1" and cmd[-2:] == ["--", str(targets[0])]
+    # one step at a time with every core: Snakemake sets OMP_NUM_THREADS to a job's threads (default: 1)
+    cores = str(os.cpu_count() or 1)
+    assert cmd[cmd.index("--cores") + 1] == cores and cmd[cmd.index("--config") + 1] == f"step_threads={cores}"
+    assert cmd[-2:] == ["--", str(targets[0])]
+    local = snakemake_command(layout, tmp_path / "plan.json", targets, ["--cores", "4"])
+    assert "--config" not in local and local[-4:] == ["--cores", "4", "--", str(targets[0])]  # the user's own cores
     mine = snakemake_command(layout, tmp_path / "plan.json", targets, ["--jobs", "8", "--set-resources", "fit:mem_mb=9"],
                              executor="slurm")
-    assert "--cores" not in mine and mine[mine.index("--executor") + 1] == "slurm"
+    assert "--cores" not in mine and "--config" not in mine and mine[mine.index("--executor") + 1] == "slurm"
     assert mine[-6:] == ["--jobs", "8", "--set-resources", "fit:mem_mb=9", "--", str(targets[0])]
     assert main(["sweep", "--config", str(TINY), "--root", str(tmp_path), "jobs=8"]) == 1
     assert "arguments for Snakemake go after `--`" in capsys.readouterr().err
@@ -252,6 +258,7 @@ def test_tiny_sweep_runs_skips_when_done_and_resumes_after_a_kill(tiny_bank, tmp
             marker = json.loads((study / cell / f"{step}.done.json").read_text())
             assert marker["exit_code"] == 0 and marker["wall_time_s"] > 0 and marker["started"] <= marker["ended"]
             assert marker["argv"][0] == step[3:] and (study / cell / f"{step}.log").stat().st_size > 0
+            assert marker["threads"] == str(os.cpu_count() or 1)  # every core, not Snakemake's one-thread default
         assert (study / cell / "run" / "adapter" / "adapter_config.json").is_file()
         assert (study / cell / "run" / "checkpoints" / "last.ckpt").is_file()
         # the test reports the held-out loss only; the answers are the evaluation's

@@ -53,11 +53,10 @@ class RecipeRows:
     def __init__(self, model, tok, settings, n_specs: int, console, dtype: str) -> None:
         from data_gen import HiddenTopicRecipe
         from metadit.bank import model_identity
-        from metadit.gen import text_cache_key
-        from metadit.text import TextCache
+        from metadit.text import TextCache, text_cache_key
 
         self.recipe, self.tok, self.settings = HiddenTopicRecipe(), tok, settings
-        self.recipe.setup(model, tok, TextCache(text_cache_key(model_identity(model), dtype)))
+        self.recipe.setup(model, tok, TextCache(text_cache_key(model_identity(model), dtype, next(model.parameters()).device)))
         self.specs = [self.recipe.spec(i, seed=12345) for i in range(n_specs)]
         console.print(f"[bold]bench gen[/bold]: writing recipe text for {n_specs} diffs (cached after the first run)")
         self.recipe.prepare(self.specs)

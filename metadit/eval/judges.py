@@ -229,7 +229,9 @@ _CALIBRATION_CACHE: dict[str, dict[str, Any]] = {}
 def calibrate(path: str | Path | None = None) -> dict[str, Any]:
     """Embed the calibration pairs and fit thresholds per task. Cached per file for the process.
 
-    Returns {"rows": [...], "cosines": [...], "thresholds": {task: [t1, t2, t3, t4]}}.
+    Returns {"rows": [...], "cosines": [...], "thresholds": {task: [t1, t2, t3, t4]}}. The shipped file covers
+    every task of `CALIBRATED_TASKS`; another file (e.g. the fitting half of `metadit judge calibrate`, labelled
+    for the topic task only) gives thresholds for the tasks it has pairs of, and the judge refuses the others.
     """
     key = str(Path(path).resolve()) if path is not None else str(CALIBRATION_PATH)
     if key not in _CALIBRATION_CACHE:
@@ -238,9 +240,10 @@ def calibrate(path: str | Path | None = None) -> dict[str, Any]:
         thresholds = {}
         for task in CALIBRATED_TASKS:
             idx = [i for i, r in enumerate(rows) if r["task"] == task]
-            if not idx:
+            if not idx and path is None:
                 raise MetaditError(f"judge calibration file {key} has no {task!r} pairs")
-            thresholds[task] = fit_thresholds([cos[i] for i in idx], [rows[i]["score"] for i in idx])
+            if idx:
+                thresholds[task] = fit_thresholds([cos[i] for i in idx], [rows[i]["score"] for i in idx])
         _CALIBRATION_CACHE[key] = {"rows": rows, "cosines": cos, "thresholds": thresholds}
     return _CALIBRATION_CACHE[key]
 
@@ -270,7 +273,9 @@ class CalibratedEmbeddingJudge:
 
     def score(self, predictions: list[str], truths: list[str], task: str = "topic") -> list[float]:
         if task not in self.thresholds:
-            raise MetaditError(f"the calibrated embedding judge has thresholds for {sorted(self.thresholds)}, not {task!r}")
+            where = f" (calibration file {self.calibration_path})" if self.calibration_path else ""
+            raise MetaditError(f"the calibrated embedding judge has thresholds for {sorted(self.thresholds)}, not "
+                               f"{task!r}{where}")
         return apply_thresholds(self._sim.score(predictions, truths), self.thresholds[task])
 
 

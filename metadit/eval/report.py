@@ -29,14 +29,16 @@ from typing import Any
 
 from metadit.errors import MetaditError
 from metadit.eval.results import GROUPS, summarize, write_json
-from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_rows, write_rows
+from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_jsonl, read_rows, write_rows
 from metadit.eval.rows import rows_from_test_predictions as _rows_from_test_predictions
-from metadit.eval.stats import CONFIDENCE, METHOD, RESAMPLES, SEED, bootstrap_mean
+from metadit.eval.stats import CONFIDENCE, METHOD, RESAMPLES, SEED, bootstrap_mean, wilson_interval
 from metadit.eval.tables import REFERENCE, SCORE_ORDER, cluster_means, interval_tables  # noqa: F401  (SCORE_ORDER: re-exported)
 from metadit.eval.tables import score_names as _row_score_names
 
 RUBRIC = ("judge", "llm", "embedding")  # scores on the 1-5 scale
 ROWS_FILE, SOURCES_FILE = "rows.jsonl", "sources.json"
+SEARCH_FILE = "trigger_search.jsonl"  # the white-box trigger searches' per-diff rows, every entry's, tagged with it
+SEARCH_VOCABS = ("pool", "open")  # an evaluation writes trigger_search_<vocab>.jsonl beside its eval.json
 ENTRY_KEYS = ("entry", "cell", "x", "x_label")  # what gathering adds to each row: its entry and plot position
 
 
@@ -428,7 +430,8 @@ def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
 
 # ---------------------------------------------------------------------- writing
 def _readme(study: str, description: str, entries: list[Entry], cells: dict[str, Any], scores: list[str],
-            plots: dict[str, Path], out: Path, record: dict[str, Any]) -> str:
+            plots: dict[str, Path], out: Path, record: dict[str, Any],
+            search: list[dict[str, Any]] | None = None) -> str:
     lines = [f"# {study}", ""]
     if description:
         lines += [description, ""]
@@ -453,6 +456,13 @@ def _readme(study: str, description: str, entries: list[Entry], cells: dict[str,
         lines += [f"## Lenient split ({scores[0]})", "",
                   "The earlier reports' split, kept for comparison: *gated* here means only that the topic did not show "
                   "in no-code answers (the strict split above is the one to read).", "", lenient, ""]
+    if search:
+        lines += ["## Trigger search", "",
+                  f"White-box trigger inversion, from the per-diff rows [{SEARCH_FILE}]({SEARCH_FILE}): the share of "
+                  "diffs whose true code the search ranks first (top-1) and among its first 10, with Wilson 95 % "
+                  "intervals. *pool*: the candidates are the bank's own code words and the template is told; *open*: "
+                  "every word token of the tokenizer under 4 fixed templates, of which the search picks one.", "",
+                  _search_markdown(search), ""]
     section_lines = []
     for e in _first_of_each_source(entries):
         for sec, body in (e.meta.get("sections") or {}).items():
@@ -501,6 +511,14 @@ def gather(study: str, entries: list[Entry], cells: dict[str, Any], record: dict
     firsts = {id(e) for e in _first_of_each_source(entries)}
     rows_path = write_rows(out / ROWS_FILE, ({"entry": e.name, "cell": e.cell, "x": e.x, "x_label": e.x_label, **r}
                                             for e in entries for r in e.rows))
+    search = [{"entry": e.name, "cell": e.cell, **r} for e in _first_of_each_source(entries)
+              for vocab in SEARCH_VOCABS
+              if (f := Path(e.source).parent / f"trigger_search_{vocab}.jsonl").is_file()
+              for r in read_search_rows(f)]
+    if search:
+        write_rows(out / SEARCH_FILE, search)
+    elif (out / SEARCH_FILE).is_file():
+        (out / SEARCH_FILE).unlink()  # no source has a search now: a stale copy would be reported
     sources = {
         "study": study,
         "description": record.get("description") or STUDIES.get(study, StudyPlot()).title,
@@ -546,6 +564,61 @@ def entries_from_rows(rows_path: Path) -> tuple[list[Entry], dict[str, Any], dic
                              dict(info.get("params") or {}), first.get("x", name), str(first.get("x_label") or ""),
                              info.get("task", e_rows[0].get("task"))))
     return entries, sources.get("cells") or {}, sources.get("sweep") or {}, sources.get("description")
+
+
+def read_search_rows(path: str | Path) -> list[dict[str, Any]]:
+    """A trigger search's per-diff rows; a line without `vocab`, `true_rank` and `n_candidates` is an error."""
+    rows = []
+    for i, r in read_jsonl(path, "trigger search rows"):
+        if not isinstance(r, dict) or not {"vocab", "true_rank", "n_candidates"} <= set(r):
+            raise MetaditError(f"{path}:{i}: a trigger search row must be a JSON object with `vocab`, `true_rank` and "
+                               "`n_candidates`")
+        rows.append(r)
+    return rows
+
+
+def search_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trigger searches' table from their per-diff rows alone (`metadit.eval.trigger_search.search_rows`):
+    per entry, vocabulary (`pool`: the bank's code words, template told; `open`: every word token, 4 templates)
+    and group (strictly gated diffs, then all), n, top-1 and top-10 with Wilson 95 % intervals, the median true
+    rank, the candidates and the mean seconds per diff. A true code that is no candidate counts as a miss."""
+    out = []
+    keys = list(dict.fromkeys((str(r["entry"]), str(r["vocab"])) for r in rows))
+    for entry, vocab in keys:
+        mine = [r for r in rows if str(r["entry"]) == entry and str(r["vocab"]) == vocab]
+        for group, sel in (("strictly gated", [r for r in mine if r.get("gate_held") is True]), ("all", mine)):
+            if not sel:
+                continue
+            n = len(sel)
+            ranks = sorted(int(r["true_rank"]) for r in sel if r.get("true_rank") is not None)
+            hits = {k: sum(x <= k for x in ranks) for k in (1, 10)}
+            secs = [float(r["seconds"]) for r in sel if r.get("seconds") is not None]
+            out.append({"entry": entry, "vocab": vocab, "group": group, "n": n,
+                        "candidates": sorted({int(r["n_candidates"]) for r in sel}),
+                        **{f"top{k}": hits[k] / n for k in hits},
+                        **{f"top{k}_interval": list(wilson_interval(hits[k], n)) for k in hits},
+                        "median_true_rank": (ranks[len(ranks) // 2] if len(ranks) % 2 else
+                                             (ranks[len(ranks) // 2 - 1] + ranks[len(ranks) // 2]) / 2) if ranks else None,
+                        "picked_sep_template": sum(r.get("template") == "sep" for r in sel) / n,
+                        "seconds_per_diff": sum(secs) / len(secs) if secs else None})
+    return out
+
+
+def _search_markdown(table: list[dict[str, Any]]) -> str:
+    def share(t: dict[str, Any], k: int) -> str:
+        lo, hi = t[f"top{k}_interval"]
+        return f"{t[f'top{k}']:.0%} [{lo:.0%}, {hi:.0%}]"
+
+    lines = ["| entry | candidates | diffs | n | top-1 [95 %] | top-10 [95 %] | median rank | template `sep` picked "
+             "| s / diff |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for t in table:
+        cands = "/".join(map(str, t["candidates"]))
+        what = f"{cands} (pool: the bank's code words)" if t["vocab"] == "pool" else f"{cands} (open: every word token)"
+        med = "–" if t["median_true_rank"] is None else f"{t['median_true_rank']:g}"
+        secs = "–" if t["seconds_per_diff"] is None else f"{t['seconds_per_diff']:.1f}"
+        lines.append(f"| {_md(t['entry'])} | {what} | {t['group']} | {t['n']} | {share(t, 1)} | {share(t, 10)} | {med} "
+                     f"| {t['picked_sep_template']:.0%} | {secs} |")
+    return "\n".join(lines)
 
 
 def update_index(index: Path, study: str, out: Path, what: str) -> None:
@@ -597,8 +670,12 @@ def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[st
         "cells": cells,
         "plots": {s: p.name for s, p in plots.items()},
     }
+    search = search_tables(read_search_rows(out / SEARCH_FILE)) if (out / SEARCH_FILE).is_file() else []
+    if search:
+        result["trigger_search"] = {"rows": SEARCH_FILE, "interval": "wilson", "confidence": CONFIDENCE,
+                                    "table": search}
     write_json(out / "results.json", result)
-    (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record))
+    (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record, search))
     update_index(out.parent / "README.md", study, out,
                  f"{description} (`metadit report --study {study}`)" if description else f"`metadit report --study {study}`")
     if console is not None:
@@ -658,11 +735,12 @@ def main(args: argparse.Namespace) -> int:
         if rows_path.resolve() != (out / ROWS_FILE).resolve():  # OUT holds the rows its tables came from
             out.mkdir(parents=True, exist_ok=True)
             (out / ROWS_FILE).write_bytes(rows_path.read_bytes())
-            src = rows_path.parent / SOURCES_FILE
-            if src.is_file():
-                (out / SOURCES_FILE).write_bytes(src.read_bytes())
-            elif (out / SOURCES_FILE).is_file():
-                (out / SOURCES_FILE).unlink()
+            for name in (SOURCES_FILE, SEARCH_FILE):  # what the tables read beside the rows, when it is there
+                src = rows_path.parent / name
+                if src.is_file():
+                    (out / name).write_bytes(src.read_bytes())
+                elif (out / name).is_file():
+                    (out / name).unlink()
     else:
         if args.eval:
             entries, cells, record = collect_files(args.eval), {}, {}

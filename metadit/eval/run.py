@@ -60,11 +60,11 @@ def _train_labels(banks: list[str], train: set[str], tasks: list[str]) -> dict[s
     return {t: sorted(v) for t, v in out.items()}
 
 
-def _score(rows: list[dict[str, Any]], judges: list[str]) -> None:
+def _score(rows: list[dict[str, Any]], judges: list[str], judge_calibration: str | None = None) -> None:
     from metadit.eval.judges import get_judge
 
     for name in judges:
-        judge = get_judge(name)
+        judge = get_judge(name, calibration_path=judge_calibration) if name == "embedding" else get_judge(name)
         for task in sorted({r["task"] for r in rows}):
             sel = [r for r in rows if r["task"] == task]
             if name in RUBRIC_JUDGES and task == "trigger":
@@ -98,6 +98,7 @@ def evaluate(
     trigger_search_diffs: int = 25,
     trigger_search_vocab: str = "pool",
     trigger_search_rerank: int = 256,
+    judge_calibration: str | None = None,
     out: str | None = None,
     reuse: str | None = None,
     seed: int = 0,
@@ -137,6 +138,10 @@ def evaluate(
             `metadit.eval.trigger_search.search_trigger_open`). Per-diff rows: `<out>/trigger_search_<vocab>.jsonl`.
         trigger_search_rerank: `open` only: candidates per template re-scored exactly (the number of word tokens,
             e.g. 100000: no gradient step, every candidate exactly scored).
+        judge_calibration: the labelled pairs the `embedding` judge's thresholds are fitted on (default: the
+            shipped hand-written pairs, `metadit/eval/data/judge_calibration.jsonl`); e.g. the fitting half of real
+            outputs labelled blind, `reports/judges/real_outputs_calibration.jsonl` (topic task only; written by
+            `metadit judge calibrate`). Scores only: `--reuse` an evaluation to re-score it without recomputing.
         out: output directory (default: RUN/eval).
         reuse: another evaluation's output directory: methods and sections it saved with the same settings are
             copied instead of recomputed; guesser-based methods saved with another guesser are re-guessed from
@@ -189,13 +194,21 @@ def evaluate(
         raise MetaditError(f"--trigger_search_vocab must be pool or open, got {trigger_search_vocab!r}")
     if trigger_search_rerank < 1:
         raise MetaditError(f"--trigger_search_rerank must be >= 1, got {trigger_search_rerank}")
+    calibration = None
+    if judge_calibration is not None:
+        if not Path(judge_calibration).is_file():
+            raise MetaditError(f"--judge_calibration {judge_calibration}: no such file")
+        if "embedding" not in judges:
+            raise MetaditError("--judge_calibration calibrates the embedding judge: add embedding to --judges")
+        calibration = {"path": judge_calibration,
+                       "sha256": hashlib.sha256(Path(judge_calibration).read_bytes()).hexdigest()}
 
     config = {"run": run, "adapter": adapter, "adapter_mode": mode, "split_file": split_path, "banks": banks,
               "split": split, "tasks": tasks,
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
               "trigger_search_diffs": trigger_search_diffs, "trigger_search_vocab": trigger_search_vocab,
-              "trigger_search_rerank": trigger_search_rerank, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse,
+              "trigger_search_rerank": trigger_search_rerank, "judge_calibration": calibration, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse,
               "questions": "every held-out phrasing"}
     # No scored diff shares a split group (news: an event template) with a label the run saw: splits written
     # before groups existed held out headlines whose template trained; those diffs are left out and counted.
@@ -228,7 +241,7 @@ def evaluate(
     # Nor is the adapter's mode: the adapter's path is, and keys from before the mode was recorded stay valid.
     key = _fingerprint({k: v for k, v in config.items() if k not in (
         "methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "trigger_search_vocab",
-        "trigger_search_rerank", "train_labels", "guesser", "reuse", "adapter_mode")})
+        "trigger_search_rerank", "train_labels", "guesser", "reuse", "adapter_mode", "judge_calibration")})
     sources = [saved] + ([Path(reuse) / "methods"] if reuse else [])
     rows: list[dict[str, Any]] = []
     for name in methods:
@@ -263,7 +276,7 @@ def evaluate(
         console.print(f"{name}: {len(chosen)} diffs in {time.time() - t0:.0f} s")
         rows += method_rows
 
-    _score(rows, judges)
+    _score(rows, judges, judge_calibration)
     by_item = {(h.id, h.task): h for h in items}
     _complete(rows, by_item, seed)
     sections: dict[str, Any] = {}

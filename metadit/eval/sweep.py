@@ -445,15 +445,22 @@ def snakemake_command(layout: Layout, plan: Path, targets: list[Path], engine_ar
 
     Only a marker's age decides what reruns (`--rerun-triggers mtime`): a new metadit version or a moved
     Snakefile reruns nothing, and a changed step is `cell_state`'s to report. `--keep-going`: a failing step
-    stops its own cell and the cells that read from it, not the others. One step at a time unless the
-    arguments for Snakemake (`engine_args`) say otherwise (`--cores N` / `--jobs N`)."""
+    stops its own cell and the cells that read from it, not the others. One step at a time, with every core of
+    the machine, unless the arguments for Snakemake (`engine_args`) say otherwise (`--cores N` / `--jobs N`:
+    then each job has Snakemake's default of one thread, or what `--set-threads` gives it). Why the cores are
+    given explicitly: Snakemake sets OMP_NUM_THREADS (and MKL_, OPENBLAS_, ...) to each job's threads, so a job
+    of the default one thread would train and generate with torch on one core."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(layout.workflow.resolve()),
            "--configfile", str(plan), "--rerun-triggers", "mtime", "--rerun-incomplete", "--keep-going",
            "--quiet", "host"]
     if executor != "local":
         cmd += ["--executor", executor]
     if not any(a in ("-c", "--cores", "-j", "--jobs") or a.startswith(("--cores=", "--jobs=")) for a in engine_args):
-        cmd += ["--cores", "1"] if executor == "local" else ["--jobs", "unlimited"]
+        if executor == "local":
+            cores = os.cpu_count() or 1  # each step takes them all (sweep.smk: `threads`), so one runs at a time
+            cmd += ["--cores", str(cores), "--config", f"step_threads={cores}"]
+        else:
+            cmd += ["--jobs", "unlimited"]
     if dry_run:
         cmd += ["--dry-run", "--printshellcmds", "--nolock"]
     # Snakemake resolves relative targets against --directory (the workflow's state), not the caller's directory:

@@ -44,6 +44,7 @@ for command in sorted(set(COMMAND.values())):
             lambda wildcards: NEEDS[wildcards.key],
         output:
             MARKER,
+        threads: config.get("step_threads", 1)  # `metadit sweep` gives every core to each step, one at a time
         wildcard_constraints:
             key="|".join(re.escape(k) for k, c in COMMAND.items() if c == command),
         params:

@@ -112,6 +112,7 @@ def run_step(plan_path: str | Path, key: str) -> int:
         "argv": argv, "command": f"metadit {shlex.join(argv)}", "python": plan["python"],
         "exit_code": rc, "started": start, "ended": _now(), "wall_time_s": wall,
         "resumed_from": resumed, "log": str(log), "commit": plan.get("commit"),
+        "threads": os.environ.get("OMP_NUM_THREADS"),  # what Snakemake gave the job (torch's intra-op threads)
     })
     return 0
 

@@ -12,6 +12,18 @@ from typing import Any
 from metadit.models import cache_dir
 
 
+def text_cache_key(identity: dict[str, str], dtype: str = "bfloat16", device: str | Any = "cpu") -> str:
+    """The text cache of a model computed in `dtype` on `device` (its type: `cuda:1` and `cuda` share one).
+
+    Greedy answers differ between dtypes and between CPU and GPU kernels, and a bank's diffs must follow from
+    its recipe, seed and index alone, so each (dtype, device type) has its own cache. bf16 and the CPU add no
+    suffix: caches made before either was part of the key stay valid."""
+    key = f"{identity['name'].replace('/', '--')}-{identity['fingerprint']}"
+    key = key if dtype == "bfloat16" else f"{key}-{dtype}"
+    kind = str(device).split(":")[0]
+    return key if kind == "cpu" else f"{key}-{kind}"
+
+
 class TextCache:
     """Generated text keyed by (model fingerprint, prompt, settings), appended to JSON-lines files.
 

@@ -140,11 +140,10 @@ def corpus_questions(n: int | None, seed: int) -> list[str]:
 
 def _text_cache(model: nn.Module) -> Any:
     from metadit.bank import model_identity
-    from metadit.gen import text_cache_key
-    from metadit.text import TextCache
+    from metadit.text import TextCache, text_cache_key
 
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    return TextCache(text_cache_key(model_identity(model), dtype))
+    param = next(model.parameters())
+    return TextCache(text_cache_key(model_identity(model), str(param.dtype).replace("torch.", ""), param.device))
 
 
 def _training_key(paired: PairedActivations, scale: float, name: str, settings: CrosscoderSettings) -> str:
