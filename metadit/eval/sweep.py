@@ -37,7 +37,9 @@ unless they name one. A failing step stops its cell (and the cells that need it)
 non-zero with a summary. A step changed since its marker was written is reported, not rerun (the cell would mix
 two configurations). `--dry-run` prints the plan and Snakemake's dry run; `--executor slurm` (with
 `pip install 'metadit[slurm]'`) submits each step as a cluster job, and what follows `--` goes to Snakemake as is
-(`-- --jobs 8 --set-resources fit:slurm_partition=gpu`, `-- --profile PROFILE`).
+(`-- --jobs 8 --set-resources fit:slurm_partition=gpu`, `-- --profile PROFILE`). Locally, steps run one at a
+time with every core (Snakemake sets OMP_NUM_THREADS to a job's threads, one by default); `-- --cores N` runs
+independent steps side by side, one thread each unless `--set-threads` says otherwise.
 """
 
 from __future__ import annotations
