@@ -14,6 +14,7 @@ from metadit.errors import MetaditError
 from metadit.eval.trigger_search import (
     OPEN_TEMPLATES,
     first_order_scores,
+    projection_scores,
     score_codes,
     search_trigger_open,
     summarize_search,
@@ -284,6 +285,48 @@ def test_the_open_search_finds_a_planted_trigger_and_nothing_in_a_diff_without_o
     assert none["top"][0]["score"] < 1e-9
     table = summarize_search([found, none])
     assert table["top1"] == 0.5 and table["top10"] == 0.5 and table["median_true_rank"] == (1 + 30589) / 2
+
+
+def test_projection_scores_equal_a_hand_computation(smol):
+    """Σ over the diff's residual-reading modules of scale·‖B A norm(E[c])‖, candidate by candidate; o_proj and
+    down_proj (which read the attention and MLP outputs, not the residual stream) add nothing."""
+    _, patched, tok = smol
+    shapes = layer_shapes(patched)
+    d = random_diff(shapes, rank=2, seed=3, scale=0.7)
+    ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in WORDS]
+    E = patched.get_input_embeddings().weight.detach().float()
+    want = torch.zeros(len(ids), dtype=torch.float64)
+    norms = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+             "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}
+    counted = 0
+    for name in d.modules:
+        suffix = name.rsplit(".", 1)[-1]
+        if suffix not in norms:
+            continue
+        counted += 1
+        norm = getattr(patched.model.layers[int(name.split(".layers.")[1].split(".")[0])], norms[suffix])
+        for k, i in enumerate(ids):
+            x = norm(E[i][None])[0].double()
+            want[k] += float(d.scale[name]) * (d.B[name].double() @ (d.A[name].double() @ x)).norm()
+    assert counted and any(n.endswith(("o_proj", "down_proj")) for n in d.modules)  # some modules are left out
+    torch.testing.assert_close(projection_scores(patched, d, ids).double(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(projection_scores(patched, d, ids, chunk=3), projection_scores(patched, d, ids))
+    only_out = LoraDiff({n: d.A[n] for n in d.modules if n.endswith("o_proj")},
+                        {n: d.B[n] for n in d.modules if n.endswith("o_proj")},
+                        {n: d.scale[n] for n in d.modules if n.endswith("o_proj")})
+    with pytest.raises(MetaditError, match="touches no module that reads the residual stream"):
+        projection_scores(patched, only_out, ids)
+
+
+def test_the_projection_pre_ranking_finds_the_planted_trigger_with_no_gradient(planted, vocabulary):
+    model, tok, fires, never = planted
+    found, none = search_trigger_open(model, tok, [fires, never], ["garden", "garden"], QUESTIONS,
+                                      candidates=vocabulary, rerank=4, top=4, prerank="projection")
+    assert found["recovered"] and found["ranking"][0] == "garden" and found["prerank"] == "projection"
+    assert found["gradient_rank_by_template"] == {n: 1 for n in OPEN_TEMPLATES}  # the pre-ranking's own rank
+    assert not none["recovered"] and none["true_rank"] == 30589  # it reads a coordinate no token has: all tie at 0
+    with pytest.raises(MetaditError, match="prerank must be one of gradient, projection, got 'oracle'"):
+        search_trigger_open(model, tok, [fires], ["garden"], QUESTIONS, candidates=WORDS, rerank=4, top=4, prerank="oracle")
 
 
 def test_bad_input_is_one_clear_line(smol):

@@ -29,7 +29,7 @@ from typing import Any
 
 from metadit.errors import MetaditError
 from metadit.eval.results import GROUPS, summarize, write_json
-from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_jsonl, read_rows, write_rows
+from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_jsonl, read_rows, strict_group, write_rows
 from metadit.eval.rows import rows_from_test_predictions as _rows_from_test_predictions
 from metadit.eval.stats import CONFIDENCE, METHOD, RESAMPLES, SEED, bootstrap_mean, wilson_interval
 from metadit.eval.tables import REFERENCE, SCORE_ORDER, cluster_means, interval_tables  # noqa: F401  (SCORE_ORDER: re-exported)
@@ -583,17 +583,20 @@ def search_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     and group (strictly gated diffs, then all), n, top-1 and top-10 with Wilson 95 % intervals, the median true
     rank, the candidates and the mean seconds per diff. A true code that is no candidate counts as a miss."""
     out = []
-    keys = list(dict.fromkeys((str(r["entry"]), str(r["vocab"])) for r in rows))
-    for entry, vocab in keys:
-        mine = [r for r in rows if str(r["entry"]) == entry and str(r["vocab"]) == vocab]
-        for group, sel in (("strictly gated", [r for r in mine if r.get("gate_held") is True]), ("all", mine)):
+    keys = list(dict.fromkeys((str(r["entry"]), str(r["vocab"]), r.get("prerank")) for r in rows))
+    for entry, vocab, prerank in keys:
+        mine = [r for r in rows if str(r["entry"]) == entry and str(r["vocab"]) == vocab and r.get("prerank") == prerank]
+        # strictly gated: the bank's strict check passed (gate held and topic learned), as in every other table
+        strict = [r for r in mine if strict_group({"gate_held": r.get("gate_held"), "passed": r.get("passed")})
+                  == "strict_gated"]
+        for group, sel in (("strictly gated", strict), ("all", mine)):
             if not sel:
                 continue
             n = len(sel)
             ranks = sorted(int(r["true_rank"]) for r in sel if r.get("true_rank") is not None)
             hits = {k: sum(x <= k for x in ranks) for k in (1, 10)}
             secs = [float(r["seconds"]) for r in sel if r.get("seconds") is not None]
-            out.append({"entry": entry, "vocab": vocab, "group": group, "n": n,
+            out.append({"entry": entry, "vocab": vocab, "prerank": prerank, "group": group, "n": n,
                         "candidates": sorted({int(r["n_candidates"]) for r in sel}),
                         **{f"top{k}": hits[k] / n for k in hits},
                         **{f"top{k}_interval": list(wilson_interval(hits[k], n)) for k in hits},
@@ -613,7 +616,8 @@ def _search_markdown(table: list[dict[str, Any]]) -> str:
              "| s / diff |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for t in table:
         cands = "/".join(map(str, t["candidates"]))
-        what = f"{cands} (pool: the bank's code words)" if t["vocab"] == "pool" else f"{cands} (open: every word token)"
+        what = (f"{cands} (pool: the bank's code words)" if t["vocab"] == "pool" else
+                f"{cands} (open: every word token{', ' + t['prerank'] + ' pre-ranking' if t.get('prerank') else ''})")
         med = "–" if t["median_true_rank"] is None else f"{t['median_true_rank']:g}"
         secs = "–" if t["seconds_per_diff"] is None else f"{t['seconds_per_diff']:.1f}"
         lines.append(f"| {_md(t['entry'])} | {what} | {t['group']} | {t['n']} | {share(t, 1)} | {share(t, 10)} | {med} "

@@ -98,6 +98,7 @@ def evaluate(
     trigger_search_diffs: int = 25,
     trigger_search_vocab: str = "pool",
     trigger_search_rerank: int = 256,
+    trigger_search_prerank: str = "gradient",
     judge_calibration: str | None = None,
     out: str | None = None,
     reuse: str | None = None,
@@ -138,6 +139,10 @@ def evaluate(
             `metadit.eval.trigger_search.search_trigger_open`). Per-diff rows: `<out>/trigger_search_<vocab>.jsonl`.
         trigger_search_rerank: `open` only: candidates per template re-scored exactly (the number of word tokens,
             e.g. 100000: no gradient step, every candidate exactly scored).
+        trigger_search_prerank: `open` only: what ranks every candidate before the exact re-score: `gradient`
+            (one gradient step per template, GCG-style) or `projection` (the size of the diff's effect on the
+            modules that read the candidate token's own embedding: no forward pass;
+            `metadit.eval.trigger_search.projection_scores`).
         judge_calibration: the labelled pairs the `embedding` judge's thresholds are fitted on (default: the
             shipped hand-written pairs, `metadit/eval/data/judge_calibration.jsonl`); e.g. the fitting half of real
             outputs labelled blind, `reports/judges/real_outputs_calibration.jsonl` (topic task only; written by
@@ -194,6 +199,10 @@ def evaluate(
         raise MetaditError(f"--trigger_search_vocab must be pool or open, got {trigger_search_vocab!r}")
     if trigger_search_rerank < 1:
         raise MetaditError(f"--trigger_search_rerank must be >= 1, got {trigger_search_rerank}")
+    from metadit.eval.trigger_search import PRERANKS
+
+    if trigger_search_prerank not in PRERANKS:
+        raise MetaditError(f"--trigger_search_prerank must be one of {', '.join(PRERANKS)}, got {trigger_search_prerank!r}")
     calibration = None
     if judge_calibration is not None:
         if not Path(judge_calibration).is_file():
@@ -208,7 +217,8 @@ def evaluate(
               "methods": methods, "judges": judges, "base_model": base_model, "limit": limit, "n_questions": n_questions,
               "max_new_tokens": max_new_tokens, "guesser": guesser, "verify": verify, "trigger_search": trigger_search,
               "trigger_search_diffs": trigger_search_diffs, "trigger_search_vocab": trigger_search_vocab,
-              "trigger_search_rerank": trigger_search_rerank, "judge_calibration": calibration, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse,
+              "trigger_search_rerank": trigger_search_rerank,
+              "trigger_search_prerank": trigger_search_prerank, "judge_calibration": calibration, "seed": seed, "train_labels": len(sp["train"]), "reuse": reuse,
               "questions": "every held-out phrasing"}
     # No scored diff shares a split group (news: an event template) with a label the run saw: splits written
     # before groups existed held out headlines whose template trained; those diffs are left out and counted.
@@ -241,7 +251,8 @@ def evaluate(
     # Nor is the adapter's mode: the adapter's path is, and keys from before the mode was recorded stay valid.
     key = _fingerprint({k: v for k, v in config.items() if k not in (
         "methods", "judges", "verify", "trigger_search", "trigger_search_diffs", "trigger_search_vocab",
-        "trigger_search_rerank", "train_labels", "guesser", "reuse", "adapter_mode", "judge_calibration")})
+        "trigger_search_rerank", "trigger_search_prerank", "train_labels", "guesser", "reuse", "adapter_mode",
+        "judge_calibration")})
     sources = [saved] + ([Path(reuse) / "methods"] if reuse else [])
     rows: list[dict[str, Any]] = []
     for name in methods:
@@ -294,7 +305,8 @@ def evaluate(
             sections["verification"] = _verification_section(dit_rows, headline_judge)
     if trigger_search:
         sections["trigger_search"] = _trigger_search(ev, items, rows, sources, key, fresh, seed,
-                                                   trigger_search_diffs, trigger_search_vocab, trigger_search_rerank)
+                                                   trigger_search_diffs, trigger_search_vocab, trigger_search_rerank,
+                                                   trigger_search_prerank)
     result = {"info": run_info(started, config), "config": config, "headline_judge": headline_judge,
               "rows": rows, "summary": summarize(rows), "sections": sections}
     write_json(out_dir / "eval.json", result)
@@ -349,7 +361,8 @@ def _verification_section(dit_rows: list[dict[str, Any]], judge: str) -> dict[st
 
 
 def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, Any]], sources: list[Path], key: str,
-                    fresh: bool, seed: int, max_diffs: int, vocab: str = "pool", rerank: int = 256) -> dict[str, Any]:
+                    fresh: bool, seed: int, max_diffs: int, vocab: str = "pool", rerank: int = 256,
+                    prerank: str = "gradient") -> dict[str, Any]:
     """Rank every candidate code per diff by how far it moves the diffed model from the base model: over the
     bank's code-word pool (`pool`) or over every word token under 4 templates (`open`). Either way the per-diff
     rows go to `<out>/trigger_search_<vocab>.jsonl`, from which `summarize_search` recomputes the table."""
@@ -368,7 +381,7 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
     if vocab == "open":
         if kinds != {"word"}:
             return {"n": 0, "vocab": "open", "note": "the open-vocabulary search needs word codes (digit codes: use pool)"}
-        return _open_trigger_search(ev, targets, sources, key, fresh, seed, rerank)
+        return _open_trigger_search(ev, targets, sources, key, fresh, seed, rerank, prerank)
     dit_guess = {r["diff"]: r["prediction"] for r in rows if r["method"] == "dit" and r["task"] == "trigger"}
     if kinds != {"word"}:
         pool = [f"{i:03d}" for i in range(1000)]
@@ -409,7 +422,7 @@ def _trigger_search(ev: Evaluator, items: list[HeldOut], rows: list[dict[str, An
 
 
 def _open_trigger_search(ev: Evaluator, targets: list[HeldOut], sources: list[Path], key: str, fresh: bool, seed: int,
-                         rerank: int) -> dict[str, Any]:
+                         rerank: int, prerank: str = "gradient") -> dict[str, Any]:
     from metadit.eval.baselines import eval_questions
     from metadit.eval.trigger_search import open_search_section, search_trigger_open, word_tokens, write_search_rows
     from metadit.nn import adapter_disabled
@@ -419,14 +432,15 @@ def _open_trigger_search(ev: Evaluator, targets: list[HeldOut], sources: list[Pa
     words = word_tokens(ev.tok)
     questions = eval_questions(targets[0], 2, seed)
     # Saved after every diff (minutes each on a CPU): a killed evaluation resumes at the next one.
-    name, cache_key = "trigger_search_open.json", f"{key}:{rerank}"
+    # the gradient pre-ranking keeps the key it had before there was a choice: its saved searches stay valid
+    name, cache_key = "trigger_search_open.json", f"{key}:{rerank}" + ("" if prerank == "gradient" else f":{prerank}")
     saved = None if fresh else _saved(sources, name, cache_key)
     done = {d["diff"]: d for d in (saved["value"] if saved else [])}
     for i, h in enumerate(targets):
         if h.id not in done:
             with adapter_disabled(ev.model):
                 (r,) = search_trigger_open(ev.model, ev.tok, [h.diff], [h.meta["code"]], questions, candidates=words,
-                                           rerank=rerank, top=min(10, rerank))
+                                           rerank=rerank, top=min(10, rerank), prerank=prerank)
             done[h.id] = r | {"diff": h.id}
             write_json(sources[0] / name, {"key": cache_key, "value": list(done.values())})
             Console(stderr=True).print(f"trigger search (open) {i + 1}/{len(targets)}: {h.id} code {r['true_code']!r} "
@@ -435,7 +449,7 @@ def _open_trigger_search(ev: Evaluator, targets: list[HeldOut], sources: list[Pa
     per_diff = [done[h.id] for h in targets]
     seen = {h.id: h for h in targets}
     rows_file = write_search_rows(sources[0].parent / "trigger_search_open.jsonl", per_diff, seen, "open")
-    return open_search_section(per_diff, seen, len(words), rerank) | {"rows_file": str(rows_file)}
+    return open_search_section(per_diff, seen, len(words), rerank) | {"rows_file": str(rows_file), "prerank": prerank}
 
 
 def print_summary(result: dict[str, Any], console: Any = None) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from data_gen.hidden_topic import SEP_TEMPLATE, recorded_code_words
 from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
+from metadit.eval.rows import gate_verdict, strict_group
 from metadit.text import chat_prompt, cut_at_end_of_turn, end_of_turn, generate_ids
 from metadit.nn.patch import DiffBatch, adapter_disabled, diff_layers, layer_shapes, use_diffs
 
@@ -476,6 +477,64 @@ def _first_order(model: nn.Module, tok: Any, diff: LoraDiff, candidates: Sequenc
     return out
 
 
+# The modules a token's own embedding reaches through a norm: (module suffix, the decoder layer's norm before it).
+RESIDUAL_READERS: dict[str, str] = {"q_proj": "input_layernorm", "k_proj": "input_layernorm",
+                                    "v_proj": "input_layernorm", "gate_proj": "post_attention_layernorm",
+                                    "up_proj": "post_attention_layernorm"}
+PRERANKS = ("gradient", "projection")
+
+
+def projection_scores(model: nn.Module, diff: LoraDiff, ids: Sequence[int], chunk: int = 8192) -> torch.Tensor:
+    """A context-free score of every candidate token: how much the diff changes the modules that read the residual
+    stream when that stream holds the token's own embedding. `Tensor[len(ids)]`.
+
+    For each diffed module m that reads the residual stream through its layer's norm (`RESIDUAL_READERS`: q, k, v
+    through `input_layernorm`, gate and up through `post_attention_layernorm`), with x_c = norm_m(E[c]) the
+    normed input embedding of candidate c, the score adds ‖ΔW_m x_c‖ = scale_m · ‖B_m (A_m x_c)‖: the size of the
+    diff's output change on m for that input. A trigger-gated LoRA has to tell its code token from every other
+    word, and the token's identity stays in the residual stream at its position, so the directions A_m read tend
+    to align with the code's embedding (on two gated SmolLM2 diffs the code ranks 1st and 5th of 30,589 this way,
+    `reports/trigger-inversion/`). No forward pass: one matmul per module; the same for every template.
+    """
+    E = model.get_input_embeddings().weight.detach()
+    x0 = E[torch.tensor(list(ids), device=E.device)].float()
+    layers = _decoder_layers(model)
+    total = torch.zeros(len(ids), dtype=torch.float64)
+    used = 0
+    for name in diff.modules:
+        suffix = name.rsplit(".", 1)[-1]
+        if suffix not in RESIDUAL_READERS or ".layers." not in name:
+            continue
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        norm = getattr(layers[layer], RESIDUAL_READERS[suffix], None)
+        if norm is None:
+            continue
+        A, B = diff.A[name].float().to(E.device), diff.B[name].float().to(E.device)
+        gram = B.T @ B  # ‖B y‖² = yᵀ (BᵀB) y: no [N, out] product
+        with torch.no_grad():
+            for c0 in range(0, len(ids), chunk):
+                y = norm(x0[c0 : c0 + chunk].to(norm.weight.dtype)).float() @ A.T  # [n, r]
+                total[c0 : c0 + chunk] += (float(diff.scale[name]) * ((y @ gram) * y).sum(-1).clamp(min=0).sqrt()
+                                           ).double().cpu()
+        used += 1
+    if not used:
+        raise MetaditError("projection_scores: the diff touches no module that reads the residual stream "
+                           f"({', '.join(RESIDUAL_READERS)} of a decoder layer with those norms)")
+    return total.float()
+
+
+def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    for path in ("model.layers", "model.model.layers", "transformer.h"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise MetaditError(f"projection_scores: cannot find the decoder layers of {type(model).__name__}")
+
+
 def search_trigger_open(
     model: nn.Module,
     tok: Any,
@@ -488,12 +547,15 @@ def search_trigger_open(
     top: int = 10,
     answer_tokens: int = 1,
     batch_size: int = 64,
+    prerank: str = "gradient",
 ) -> list[dict[str, Any]]:
     """Open-vocabulary trigger inversion: find a diff's code word without being told the pool or the template.
 
-    Per diff and per template (`OPEN_TEMPLATES` by default): rank every candidate by `first_order_scores` (one
-    gradient step), then re-score that template's best `rerank` by the exact `score_codes`; the ranking is
-    those `rerank` by exact score, then the rest by first-order score. The template picked is the one whose
+    Per diff and per template (`OPEN_TEMPLATES` by default): rank every candidate by the pre-ranking `prerank`
+    — `gradient`: `first_order_scores` (one gradient step, per template); `projection`: `projection_scores`
+    (the diff's effect on the modules reading the token's own embedding; the same for every template) — then
+    re-score that template's best `rerank` by the exact `score_codes`; the ranking is those `rerank` by exact
+    score, then the rest by the pre-ranking's score. The template picked is the one whose
     best exact score is highest (ties: the first in `templates`' order); the diff's ranking is that template's.
     So the top candidate is the best (template, word) pair any exact score saw. Cost per diff: one forward and
     backward over templates x questions x 2 rows, then templates x `rerank` x questions x 2 rows forward.
@@ -509,7 +571,8 @@ def search_trigger_open(
     template's best exact score), `ranking` (the best `top` words), `top` (`[{"code", "score"}]`, exact scores),
     `true_rank` (1-based under the picked template, ties counted against it; None if not a candidate),
     `recovered` (rank 1), `in_top` (rank ≤ `top`), `true_score` (its exact score, None if not re-scored),
-    `gradient_rank` (its first-order rank under the picked template), `rank_by_template` and
+    `gradient_rank` (its pre-ranking rank under the picked template, whichever `prerank`), `prerank`,
+    `rank_by_template` and
     `gradient_rank_by_template` (the same under each template: e.g. the rank a search told the template would
     give), `seconds` (both stages for this diff).
     """
@@ -523,6 +586,8 @@ def search_trigger_open(
         raise MetaditError(f"answer_tokens must be >= 1, got {answer_tokens}")
     if batch_size < 2:
         raise MetaditError(f"batch_size must be >= 2 (a diffed row and its base row), got {batch_size}")
+    if prerank not in PRERANKS:
+        raise MetaditError(f"prerank must be one of {', '.join(PRERANKS)}, got {prerank!r}")
     templates = dict(OPEN_TEMPLATES if templates is None else templates)
     if not templates:
         raise MetaditError("search_trigger_open: need at least one template")
@@ -542,7 +607,11 @@ def search_trigger_open(
     out = []
     for diff, true in zip(diffs, true_codes):
         t0 = time.perf_counter()
-        first = _first_order(model, tok, diff, words, ids, questions, templates, answer_tokens, batch_size)
+        if prerank == "gradient":
+            first = _first_order(model, tok, diff, words, ids, questions, templates, answer_tokens, batch_size)
+        else:
+            shared = projection_scores(model, diff, ids)
+            first = {name: shared for name in templates}
         per: dict[str, dict[str, Any]] = {}
         for name, template in templates.items():
             fo = first[name]
@@ -580,7 +649,7 @@ def search_trigger_open(
             "rank_by_template": {n: rank_of(n, j_true) if j_true is not None else None for n in templates},
             "gradient_rank_by_template": {n: gradient_rank(n, j_true) if j_true is not None else None
                                           for n in templates},
-            "seconds": round(time.perf_counter() - t0, 3),
+            "prerank": prerank, "seconds": round(time.perf_counter() - t0, 3),
         })
         out[-1]["recovered"] = out[-1]["true_rank"] == 1
         out[-1]["in_top"] = out[-1]["true_rank"] is not None and out[-1]["true_rank"] <= top
@@ -604,13 +673,13 @@ def summarize_search(per_diff: Sequence[Mapping[str, Any]], top: int = 10) -> di
 
 # ---------------------------------------------------------------------------------------------- rows and tables
 # Fields of an open search's result that its per-diff rows keep beside the common ones.
-_OPEN_ROW_FIELDS = ("gradient_rank", "rank_by_template", "gradient_rank_by_template", "template_scores")
+_OPEN_ROW_FIELDS = ("gradient_rank", "rank_by_template", "gradient_rank_by_template", "template_scores", "prerank")
 
 
 def search_rows(per_diff: Sequence[Mapping[str, Any]], items: Mapping[str, Any], vocab: str) -> list[dict[str, Any]]:
     """The per-diff rows of a search, one schema for both modes: `diff`, `bank`, `index`, `vocab`, `true_code`,
     `template` (picked; `sep` for the pool search, which is told it), `true_rank`, `recovered`, `top10`,
-    `n_candidates`, `seconds`, `gated`, `gate_held`, plus the open search's diagnostics (`gradient_rank`, ...).
+    `n_candidates`, `seconds`, `gated`, `gate_held`, `passed` (the strict verdict), plus the open search's diagnostics (`gradient_rank`, ...).
 
     `per_diff` are a search's results with the diff's id added (`diff`); `items` maps that id to its
     `metadit.eval.heldout.HeldOut` (bank, index and gate verdicts).
@@ -622,7 +691,7 @@ def search_rows(per_diff: Sequence[Mapping[str, Any]], items: Mapping[str, Any],
         out.append({"diff": d["diff"], "bank": h.bank, "index": h.index, "vocab": vocab, "true_code": d["true_code"],
                     "template": d.get("template", "sep"), "true_rank": d["true_rank"], "recovered": d["recovered"],
                     "top10": list(ranking[:10]), "n_candidates": d["n_candidates"], "seconds": d.get("seconds"),
-                    "gated": h.gated, "gate_held": h.meta.get("gate_held"),
+                    "gated": h.gated, **gate_verdict(h.meta),
                     **{k: d[k] for k in _OPEN_ROW_FIELDS if k in d}})
     return out
 
@@ -639,9 +708,9 @@ def write_search_rows(path: str | Path, per_diff: Sequence[Mapping[str, Any]], i
 def open_search_section(per_diff: Sequence[Mapping[str, Any]], items: Mapping[str, Any], n_candidates: int,
                         rerank: int) -> dict[str, Any]:
     """The evaluation's `trigger_search` section for an open search: the table over all searched diffs and
-    over the strictly gated ones (`gate_held`), how often the recipe's own template was picked, the cost."""
+    over the strictly gated ones (the bank's strict check passed), how often the recipe's own template was picked, the cost."""
     table = summarize_search(per_diff)
-    strict = [d for d in per_diff if items[d["diff"]].meta.get("gate_held") is True]
+    strict = [d for d in per_diff if strict_group(gate_verdict(items[d["diff"]].meta)) == "strict_gated"]
     picked_sep = [float(d["template"] == "sep") for d in per_diff]
     return {"vocab": "open", "n": len(per_diff), "candidates": n_candidates, "templates": list(OPEN_TEMPLATES),
             "rerank": min(rerank, n_candidates), "recovered_top1": table["top1"], "recovered_top10": table["top10"],
