@@ -60,7 +60,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         return layers
     raise MetaditError(
-        f"the lens needs the decoder layers at model.model.layers; {type(model).__name__} has none there"
+        f"metadit needs the decoder layers at model.model.layers; {type(model).__name__} has none there"
     )
 
 

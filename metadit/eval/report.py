@@ -32,6 +32,7 @@ from metadit.eval.results import GROUPS, summarize, write_json
 from metadit.eval.rows import STRICT_GROUPS, as_row, metrics, read_jsonl, read_rows, strict_group, write_rows
 from metadit.eval.rows import rows_from_test_predictions as _rows_from_test_predictions
 from metadit.eval.stats import CONFIDENCE, METHOD, RESAMPLES, SEED, bootstrap_mean, wilson_interval
+from metadit.eval.trigger_search import summarize_search
 from metadit.eval.tables import REFERENCE, SCORE_ORDER, cluster_means, interval_tables  # noqa: F401  (SCORE_ORDER: re-exported)
 from metadit.eval.tables import score_names as _row_score_names
 
@@ -592,18 +593,16 @@ def search_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for group, sel in (("strictly gated", strict), ("all", mine)):
             if not sel:
                 continue
-            n = len(sel)
-            ranks = sorted(int(r["true_rank"]) for r in sel if r.get("true_rank") is not None)
-            hits = {k: sum(x <= k for x in ranks) for k in (1, 10)}
-            secs = [float(r["seconds"]) for r in sel if r.get("seconds") is not None]
+            table = summarize_search(sel)  # n, top-1, top-10, median rank, s / diff: the evaluation's own table
+            n = table["n"]
+            hits = {k: round(table[f"top{k}"] * n) for k in (1, 10)}
             out.append({"entry": entry, "vocab": vocab, "prerank": prerank, "group": group, "n": n,
                         "candidates": sorted({int(r["n_candidates"]) for r in sel}),
-                        **{f"top{k}": hits[k] / n for k in hits},
+                        **{f"top{k}": table[f"top{k}"] for k in hits},
                         **{f"top{k}_interval": list(wilson_interval(hits[k], n)) for k in hits},
-                        "median_true_rank": (ranks[len(ranks) // 2] if len(ranks) % 2 else
-                                             (ranks[len(ranks) // 2 - 1] + ranks[len(ranks) // 2]) / 2) if ranks else None,
+                        "median_true_rank": table["median_true_rank"],
                         "picked_sep_template": sum(r.get("template") == "sep" for r in sel) / n,
-                        "seconds_per_diff": sum(secs) / len(secs) if secs else None})
+                        "seconds_per_diff": table["seconds_per_diff"]})
     return out
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from data_gen.hidden_topic import SEP_TEMPLATE, recorded_code_words
 from metadit.diff.lora_diff import LoraDiff
 from metadit.errors import MetaditError
+from metadit.eval.lens import decoder_layers
 from metadit.eval.rows import gate_verdict, strict_group
 from metadit.text import chat_prompt, cut_at_end_of_turn, end_of_turn, generate_ids
 from metadit.nn.patch import DiffBatch, adapter_disabled, diff_layers, layer_shapes, use_diffs
@@ -498,7 +499,7 @@ def projection_scores(model: nn.Module, diff: LoraDiff, ids: Sequence[int], chun
     """
     E = model.get_input_embeddings().weight.detach()
     x0 = E[torch.tensor(list(ids), device=E.device)].float()
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     total = torch.zeros(len(ids), dtype=torch.float64)
     used = 0
     for name in diff.modules:
@@ -521,18 +522,6 @@ def projection_scores(model: nn.Module, diff: LoraDiff, ids: Sequence[int], chun
         raise MetaditError("projection_scores: the diff touches no module that reads the residual stream "
                            f"({', '.join(RESIDUAL_READERS)} of a decoder layer with those norms)")
     return total.float()
-
-
-def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    for path in ("model.layers", "model.model.layers", "transformer.h"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    raise MetaditError(f"projection_scores: cannot find the decoder layers of {type(model).__name__}")
 
 
 def search_trigger_open(
