@@ -364,6 +364,21 @@ def test_unseen_split_evaluates_another_bank_without_any_label_the_run_saw(run_d
     assert {r["prediction"] for r in result["rows"] if r["method"] == "random_label"} <= set(split["train"])
 
 
+def test_no_run_no_split_file_every_entry_of_the_banks_is_unseen(tiny_topic_bank, tmp_path):
+    """A white-box question about a bank needs no DIT run: `--banks B --split unseen` alone takes every entry."""
+    from metadit.bank import DiffBank
+
+    result = evaluate(banks=[str(tiny_topic_bank)], split="unseen", methods=["base_question"], judges=["exact"],
+                      verify=False, out=str(tmp_path / "e"))
+    bank = DiffBank.open(tiny_topic_bank)
+    assert sorted({r["index"] for r in result["rows"]}) == list(range(len(bank)))
+    assert result["config"]["split_file"] is None and result["config"]["train_labels"] == 0
+    for split in ("test", "val"):  # a named split needs the run's split file
+        with pytest.raises(MetaditError, match="give --run RUN_DIR or --split_file"):
+            evaluate(banks=[str(tiny_topic_bank)], split=split, methods=["base_question"], judges=["exact"],
+                     out=str(tmp_path / split))
+
+
 def test_llm_guesser_and_llm_judge_through_an_openai_compatible_endpoint(run_dir, tmp_path, monkeypatch):
     """Guesser and judge go to the configured endpoint (a local fake server, never the network)."""
     from tests.test_judges import FakeOpenAI

@@ -113,7 +113,8 @@ def evaluate(
             (`smollm2-topic`; its split.json is then the default split), of any mode (`dit`, `encoder`,
             `dit+encoder`: an encoder mode's DiffEncoder is read from the directory). Without one, only no-adapter
             methods run.
-        split_file: the split (default: RUN/split.json).
+        split_file: the split (default: RUN/split.json). Without a run or a split file, `--split unseen` takes
+            every entry of `--banks` (nothing was trained on them: for methods that need no adapter).
         banks: banks to take held-out diffs from (default: the split's banks; give others to evaluate on other
             ranks or triggers — their labels must be held out from training too, or they are skipped).
         split: which held-out labels: `test` or `val`; `unseen`: every entry of `banks` whose label is in no
@@ -167,9 +168,12 @@ def evaluate(
     split_path = split_file or (str(run_dir / "split.json") if run_dir else None)
     if split_path is None and adapter is not None and (Path(adapter) / "split.json").is_file():
         split_path = str(Path(adapter) / "split.json")  # a shipped adapter carries the split it was trained on
-    if split_path is None:
-        raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out)")
-    sp = read_split(split_path)
+    if split_path is None and not (split == "unseen" and banks):
+        raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out), or --banks "
+                           "with --split unseen (every entry: no adapter saw any of them)")
+    # No run and no split file: no label was trained on or validated, so every entry of the banks is unseen
+    # (what a white-box method such as the trigger search needs; no adapter is involved).
+    sp = read_split(split_path) if split_path is not None else {"train": [], "banks": list(banks)}
     if split != "unseen" and split not in sp:
         raise MetaditError(f"{split_path}: no {split!r} split (choose test, val or unseen)")
     banks = list(banks or sp["banks"])
