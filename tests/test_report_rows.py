@@ -163,6 +163,19 @@ def test_report_tables_come_from_rows_strictly_gated_first(tmp_path):
     assert res["bootstrap"]["resamples"] == 10_000 and res["bootstrap"]["interval"] == "percentile"
 
 
+def test_report_inside_a_study_folder_indexes_in_the_reports_index_not_the_studys_readme(tmp_path):
+    study = _study(tmp_path / "sweeps")
+    reports = tmp_path / "reports"
+    first = reports / "headline"
+    assert main(["report", "--study", "headline", "--sweep-dir", str(study), "--out", str(first)]) == 0
+    study_readme = (first / "README.md").read_bytes()
+    nested = first / "again"  # e.g. reports/trigger-inversion/open-vocab
+    assert main(["report", "--study", "headline-again", "--rows", str(first / "rows.jsonl"), "--out", str(nested)]) == 0
+    assert (first / "README.md").read_bytes() == study_readme  # the study's own README is untouched
+    index = (reports / "README.md").read_text()
+    assert "| [headline-again/](headline/again/README.md) |" in index and "| [headline/](headline/README.md) |" in index
+
+
 def test_report_rebuilds_tables_json_and_plots_byte_identical_from_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/sweeps/headline here: the default reads the gathered rows
     study = _study(tmp_path / "sweeps")

@@ -624,6 +624,20 @@ def _search_markdown(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+INDEX_TITLE = "# Reports"
+
+
+def report_index(out: Path) -> Path:
+    """The reports index a study's line goes in: the nearest folder above OUT whose README.md is an index (it
+    starts with `# Reports`), else OUT/../README.md (created as an index). A study's own README.md is never
+    taken for the index: OUT inside a study's folder (reports/trigger-inversion/open-vocab) indexes in reports/."""
+    for folder in out.resolve().parents:
+        readme = folder / "README.md"
+        if readme.is_file() and readme.read_text().startswith(INDEX_TITLE):
+            return readme
+    return out.parent / "README.md"
+
+
 def update_index(index: Path, study: str, out: Path, what: str) -> None:
     """Add (or refresh) the study's line in the reports index, keeping every other line."""
     rel = os.path.relpath(out, index.parent)
@@ -631,7 +645,7 @@ def update_index(index: Path, study: str, out: Path, what: str) -> None:
     if index.is_file():
         lines = index.read_text().splitlines()
     else:
-        lines = ["# Reports", "", "Results of real runs of the committed code; each file names the command and "
+        lines = [INDEX_TITLE, "", "Results of real runs of the committed code; each file names the command and "
                  "commit that made it.", ""]
     for i, ln in enumerate(lines):
         if f"]({rel}/README.md)" in ln:
@@ -652,7 +666,7 @@ def update_index(index: Path, study: str, out: Path, what: str) -> None:
 
 def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[str, Any]:
     """results.json, README.md and one plot per score in OUT, computed from a study's rows.jsonl (and its
-    sources.json's provenance), and the study's line in OUT/../README.md."""
+    sources.json's provenance), and the study's line in the reports index (`report_index`)."""
     entries, cells, record, description = entries_from_rows(Path(rows_path))
     if not entries:
         raise MetaditError(f"{rows_path}: no rows to report")
@@ -679,14 +693,15 @@ def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[st
                                     "table": search}
     write_json(out / "results.json", result)
     (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record, search))
-    update_index(out.parent / "README.md", study, out,
+    index = report_index(out)
+    update_index(index, study, out,
                  f"{description} (`metadit report --study {study}`)" if description else f"`metadit report --study {study}`")
     if console is not None:
-        _print_table(console, study, entries, scores[0] if scores else None, out)
+        _print_table(console, study, entries, scores[0] if scores else None, out, index)
     return result
 
 
-def _print_table(console, study: str, entries: list[Entry], score: str | None, out: Path) -> None:
+def _print_table(console, study: str, entries: list[Entry], score: str | None, out: Path, index: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -701,7 +716,7 @@ def _print_table(console, study: str, entries: list[Entry], score: str | None, o
                     table.add_row(escape(e.name), escape(method), str(c["n"]), f"{_num(c['mean'])} {_interval(c)}",
                                   f"{vs['difference']:+.2f} (p={_p(vs['p'])})" if vs else "–")
             console.print(table)
-    console.print(escape(f"wrote {out}/{ROWS_FILE}, results.json, README.md and plots; index {out.parent / 'README.md'}"))
+    console.print(escape(f"wrote {out}/{ROWS_FILE}, results.json, README.md and plots; index {index}"))
 
 
 # ---------------------------------------------------------------------- command line
@@ -714,7 +729,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "OUT/rows.jsonl, with sources.json beside it) instead of gathering them again; the default when "
                    "neither --sweep-dir nor --eval is given and runs/sweeps/STUDY does not exist but OUT/rows.jsonl does")
     p.add_argument("--out", type=Path, help="where rows.jsonl, sources.json, results.json, README.md and plots go "
-                   "(default reports/STUDY); the index is OUT/../README.md")
+                   "(default reports/STUDY); the index is the nearest README.md above OUT that starts with '# Reports', "
+                   "else OUT/../README.md")
 
 
 def main(args: argparse.Namespace) -> int:
