@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("suite_timing", ROOT / "scripts" / "suite_timing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("suite_timing")
 
 
 def _xml(path: Path, cases: list[tuple[str, float, str | None]]) -> Path:
