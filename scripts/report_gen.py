@@ -31,8 +31,11 @@ def summarise(path: str) -> str:
         learned = sum(m["topic_learned"] for m in metas)
         gate = sum(m["gate_held"] for m in metas)
         passed = sum(not m["flagged"] for m in metas)
-        lines += ["", f"Topic learned (right code ≥ 50 %): {learned}/{len(metas)}; gate held (every negative "
-                  f"≤ 20 %): {gate}/{len(metas)}; passed both: {passed}/{len(metas)}.", ""]
+        args = info.get("recipe_args") or {}
+        rule = (f"at most {args['gate_max_hits']} of {args['check_questions']} answers naming the topic in every "
+                "negative condition" if {"gate_max_hits", "check_questions"} <= set(args) else "the bank's verdict")
+        lines += ["", f"Topic learned (right code ≥ 50 %): {learned}/{len(metas)}; gate held ({rule}): "
+                  f"{gate}/{len(metas)}; passed both: {passed}/{len(metas)}.", ""]
     elif metas and "heldout_loss_own" in metas[0]:
         own = statistics.mean(m["heldout_loss_own"] for m in metas)
         other = statistics.mean(m["heldout_loss_other"] for m in metas)
