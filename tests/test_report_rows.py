@@ -277,3 +277,26 @@ def test_report_tables_the_trigger_searches_from_their_rows_with_wilson_interval
     (tmp_path / "bad.jsonl").write_text('{"vocab": "open"}\n')
     with pytest.raises(MetaditError, match=r"bad.jsonl:1: a trigger search row must be a JSON object with `vocab`"):
         read_search_rows(tmp_path / "bad.jsonl")
+
+
+def test_verdicts_say_dit_beats_a_control_only_when_the_whole_interval_is_above_zero():
+    from metadit.eval.tables import interval_tables, verdicts
+
+    def rows(method, scores):
+        return [{"diff": f"d{i}", "task": "topic", "method": method, "scores": {"embedding": s}, "gated": True,
+                 "gate_held": True, "topic_learned": True, "passed": True} for i, s in enumerate(scores)]
+
+    dit = rows("dit", [4.0, 5.0, 4.0, 5.0])
+    table = interval_tables(dit + rows("no_diff", [1.0, 1.0, 1.0, 1.0]) + rows("base_question", [5.0, 4.0, 4.0, 5.0])
+                            + rows("random_label", [1.0] * 4), ["embedding"])
+    cells = table["embedding"]["strict_gated"]
+    lines = verdicts(cells, "embedding")
+    assert len(lines) == 2  # the two controls; random_label is not one
+    pair = cells["no_diff"]["vs_dit"]
+    assert lines[0] == (f"DIT beats no_diff: embedding +3.50 [{pair['low']:+.2f}, {pair['high']:+.2f}] on 4 diffs; "
+                        "no_diff is the adapter asked with no diff: a prior it recites whatever the diff.")
+    assert lines[1].startswith("DIT does not beat base_question (the interval includes 0): embedding +0.00 [")
+    worse = interval_tables(rows("dit", [3.0, 4.0, 3.0, 4.0]) + rows("no_diff", [5.0] * 4),
+                            ["embedding"])["embedding"]["strict_gated"]
+    assert verdicts(worse, "embedding")[0].startswith("DIT is worse than no_diff: embedding -1.50 [-2.00, -1.00]")
+    assert verdicts({"dit": cells["dit"]}, "embedding") == []  # no control scored: nothing to say

@@ -458,13 +458,14 @@ def _open_trigger_search(ev: Evaluator, targets: list[HeldOut], sources: list[Pa
 
 def print_summary(result: dict[str, Any], console: Any = None) -> None:
     """Per task and per group of the strict split (strictly gated first): n, the headline score's mean and 95 %
-    bootstrap interval, DIT minus the method (paired), and the exact and names-the-topic rates."""
+    bootstrap interval, DIT minus the method (paired), and the exact and names-the-topic rates; then, in words,
+    whether DIT beats each control (`tables.verdicts`)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from metadit.eval.rows import STRICT_GROUPS
-    from metadit.eval.tables import interval_tables
+    from metadit.eval.tables import interval_tables, verdicts
 
     console = console or Console()
     judge = result.get("headline_judge", "embedding")
@@ -485,6 +486,8 @@ def print_summary(result: dict[str, Any], console: Any = None) -> None:
                               f"{vs['difference']:+.2f} (p={vs['p']:.3g})" if vs else "-",
                               *(f"{x['mean']:.2f}" if x else "-" for x in rates))
             console.print(table)
+            for line in verdicts(cells, score):
+                console.print(escape(line))
 
 
 def eval_parser():

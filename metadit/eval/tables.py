@@ -84,3 +84,29 @@ def interval_tables(rows: list[dict[str, Any]], scores: list[str] | None = None)
         if per_group:
             out[score] = per_group
     return out
+
+
+# The controls a DIT result is read against, and what each one rules out (the verdict lines say it in words).
+CONTROLS = {
+    "no_diff": "the adapter asked with no diff: a prior it recites whatever the diff",
+    "base_question": "the diffed model asked directly, without the adapter",
+}
+
+
+def verdicts(cells: dict[str, dict[str, Any]], score: str) -> list[str]:
+    """What one group's table (`interval_tables(...)[score][group]`) says about DIT against each control, in words:
+    beats it only when the whole 95 % interval of the paired difference is above 0."""
+    lines = []
+    for method, what in CONTROLS.items():
+        vs = (cells.get(method) or {}).get("vs_dit")
+        if not vs:
+            continue
+        if vs["low"] > 0:
+            word = f"DIT beats {method}"
+        elif vs["high"] < 0:
+            word = f"DIT is worse than {method}"
+        else:
+            word = f"DIT does not beat {method} (the interval includes 0)"
+        lines.append(f"{word}: {score} {vs['difference']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}] on "
+                     f"{vs['n']} diffs; {method} is {what}.")
+    return lines
