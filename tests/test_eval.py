@@ -364,6 +364,24 @@ def test_unseen_split_evaluates_another_bank_without_any_label_the_run_saw(run_d
     assert {r["prediction"] for r in result["rows"] if r["method"] == "random_label"} <= set(split["train"])
 
 
+def test_a_split_file_whose_banks_are_gone_still_evaluates(run_dir, tmp_path):
+    """A shipped adapter's split.json names banks a fresh machine lacks: the split records what the evaluation
+    needs of them (each side's groups, the training answers), so it evaluates the diffs it is given."""
+    split = read_split(run_dir / "split.json")
+    from metadit.eval.heldout import label_groups
+    from metadit.eval.run import _train_labels
+
+    assert set(split["groups"]["train"]) == label_groups(split["banks"], set(split["train"]), ["topic"])
+    assert split["train_answers"] == _train_labels(split["banks"], set(split["train"]), ["topic"])
+    moved = dict(split, banks=[str(tmp_path / "not-here")])
+    (tmp_path / "split.json").write_text(json.dumps(moved))
+    kw = dict(banks=split["banks"], methods=["no_diff", "random_label"], judges=["exact"], verify=False)
+    here = evaluate(adapter=str(run_dir / "adapter"), split_file=str(run_dir / "split.json"), out=str(tmp_path / "a"), **kw)
+    gone = evaluate(adapter=str(run_dir / "adapter"), split_file=str(tmp_path / "split.json"), out=str(tmp_path / "b"), **kw)
+    assert [(r["diff"], r["method"], r["prediction"]) for r in gone["rows"]] == \
+        [(r["diff"], r["method"], r["prediction"]) for r in here["rows"]]
+
+
 def test_no_run_no_split_file_every_entry_of_the_banks_is_unseen(tiny_topic_bank, tmp_path):
     """A white-box question about a bank needs no DIT run: `--banks B --split unseen` alone takes every entry."""
     from metadit.bank import DiffBank

@@ -225,6 +225,12 @@ class DiffQADataModule(L.LightningDataModule):
         out["seed"] = self.seed
         out["counts"] = {k: len(v) for k, v in self.splits.items()}
         out["questions"] = {k: sorted({e.question for e in v}) for k, v in self.splits.items() if k != "train"}
+        # What an evaluation needs of the banks beyond the labels, so that it runs where they are not (a shipped
+        # adapter on a fresh machine): each side's split groups (news: event templates) and the training answers.
+        out["groups"] = {k: sorted({get_task(e.task).group_of(self.banks[e.bank].meta(e.entry)) for e in v})
+                         for k, v in self.splits.items()}
+        out["train_answers"] = {t: sorted({e.answer for e in self.splits["train"] if e.task == t})
+                                for t in self.task_names}
         path.write_text(json.dumps(out, indent=1))
 
     def setup(self, stage: str | None = None) -> None:

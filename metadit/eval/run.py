@@ -46,7 +46,19 @@ def _run_config(run: Path) -> dict[str, Any]:
     return yaml.safe_load(cfg.read_text()) or {}
 
 
-def _train_labels(banks: list[str], train: set[str], tasks: list[str]) -> dict[str, list[str]]:
+def _split_groups(sp: dict[str, Any], sides: tuple[str, ...], tasks: list[str]) -> set[str]:
+    """The split groups of the labels on `sides` of a split: recorded in the split file, or (split files written
+    before it recorded them) read from its banks."""
+    if "groups" in sp:
+        return {g for side in sides for g in sp["groups"].get(side, [])}
+    return label_groups(list(sp["banks"]), {lab for side in sides for lab in sp.get(side, [])}, tasks)
+
+
+def _train_labels(banks: list[str], train: set[str], tasks: list[str],
+                  recorded: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Per task, the answers of the training labels: recorded in the split file, else read from its banks."""
+    if recorded is not None:
+        return {t: sorted(recorded.get(t, [])) for t in tasks}
     from metadit.bank import DiffBank
 
     out: dict[str, set[str]] = {t: set() for t in tasks}
@@ -228,11 +240,11 @@ def evaluate(
     # before groups existed held out headlines whose template trained; those diffs are left out and counted.
     if split == "unseen":
         used = {lab for k in ("train", "val", "test") for lab in sp.get(k, [])}
-        seen_groups = label_groups(list(sp["banks"]), used, tasks)
+        seen_groups = _split_groups(sp, ("train", "val", "test"), tasks)
         items = load_heldout(banks, None, tasks, limit=limit, seed=seed, exclude=used, exclude_groups=seen_groups)
         candidates = load_heldout(banks, None, tasks, exclude=used, load_diffs=False)
     else:
-        seen_groups = label_groups(list(sp["banks"]), set(sp["train"]), tasks)
+        seen_groups = _split_groups(sp, ("train",), tasks)
         items = load_heldout(banks, set(sp[split]), tasks, limit=limit, seed=seed, exclude_groups=seen_groups)
         candidates = load_heldout(banks, set(sp[split]), tasks, load_diffs=False)
     config["left_out_shared_group"] = sum(get_task(h.task).group_of(h.meta) in seen_groups for h in candidates)
@@ -242,7 +254,7 @@ def evaluate(
     ev = Evaluator(base_model, adapter, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
                    chat_format=banks_chat_format(banks))
     guess = get_guesser(guesser, ev)
-    ctx = MethodContext(ev, guess, _train_labels(list(sp["banks"]), set(sp["train"]), tasks), n_questions=n_questions, seed=seed)
+    ctx = MethodContext(ev, guess, _train_labels(list(sp["banks"]), set(sp["train"]), tasks, sp.get("train_answers")), n_questions=n_questions, seed=seed)
 
     from rich.console import Console
 
