@@ -382,6 +382,34 @@ def test_a_split_file_whose_banks_are_gone_still_evaluates(run_dir, tmp_path):
         [(r["diff"], r["method"], r["prediction"]) for r in here["rows"]]
 
 
+@pytest.mark.slow
+def test_the_demo_runs_its_steps_on_the_tiny_model(run_dir, tmp_path):
+    """scripts/demo.sh end to end on the tiny model, a fit run's adapter standing in for the shipped one."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, BIN=str(Path(sys.executable).parent), BANK=str(tmp_path / "bank"), RUNS=str(tmp_path / "runs"),
+               GEN_CONFIG="configs/gen/tiny_topic.yaml", FIT_CONFIG="configs/fit/tiny_topic.yaml",
+               SHIPPED=str(run_dir / "adapter"))
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from metadit.bank import DiffBank
+
+    bank = DiffBank.open(tmp_path / "bank")
+    demo_topics = {t for ts in json.loads((ROOT / "data_gen/data/demo_topics.json").read_text()).values() for t in ts}
+    assert len(bank) == 16 and {bank.meta(i)["topic"] for i in range(16)} <= demo_topics
+    shipped = json.loads((tmp_path / "runs" / "shipped-eval" / "eval.json").read_text())
+    assert {r["method"] for r in shipped["rows"]} == {"dit", "no_diff", "base_question"}
+    assert {r["index"] for r in shipped["rows"]} == set(range(16))  # no demo topic is in the adapter's split
+    import re
+
+    assert re.search(r"DIT (beats|does not beat|is worse than) no_diff", done.stdout + done.stderr)  # said in words
+    own = json.loads((tmp_path / "runs" / "lightning_logs" / "demo" / "eval" / "eval.json").read_text())
+    assert {r["method"] for r in own["rows"]} >= {"dit", "no_diff", "twenty_questions"}
+
+
 def test_no_run_no_split_file_every_entry_of_the_banks_is_unseen(tiny_topic_bank, tmp_path):
     """A white-box question about a bank needs no DIT run: `--banks B --split unseen` alone takes every entry."""
     from metadit.bank import DiffBank
