@@ -106,7 +106,10 @@ def test_bench_core_runs_on_a_config_alone_and_skips_what_does_not_fit(tmp_path,
             "--tokens", "8", "--steps", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     res = json.loads((tmp_path / "core.json").read_text())
-    assert res["random_weights"] and res["layers"] == 1 and res["device"] == "cpu" and res["dtype"] == "float32"
+    from metadit.models import native_bf16
+
+    auto = "bfloat16" if native_bf16("cpu") else "float32"  # --dtype auto: bf16 where this CPU computes it natively
+    assert res["random_weights"] and res["layers"] == 1 and res["device"] == "cpu" and res["dtype"] == auto
     assert set(res["tokens_per_second"]) == {"factored", "dense", "no-diff"} and res["skipped"] == {}
     import metadit.bench.core as core
 
