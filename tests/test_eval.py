@@ -423,6 +423,12 @@ def test_no_run_no_split_file_every_entry_of_the_banks_is_unseen(tiny_topic_bank
         with pytest.raises(MetaditError, match="give --run RUN_DIR or --split_file"):
             evaluate(banks=[str(tiny_topic_bank)], split=split, methods=["base_question"], judges=["exact"],
                      out=str(tmp_path / split))
+    # an adapter without its split might have trained on these diffs: refused, not taken as unseen
+    adapter = tmp_path / "adapter"
+    assert main(["bank", "export-peft", str(tiny_topic_bank), "0", str(adapter)]) == 0
+    with pytest.raises(MetaditError, match="give --run RUN_DIR or --split_file"):
+        evaluate(adapter=str(adapter), banks=[str(tiny_topic_bank)], split="unseen", methods=["base_question"],
+                 judges=["exact"], out=str(tmp_path / "adapter-eval"))
 
 
 def test_llm_guesser_and_llm_judge_through_an_openai_compatible_endpoint(run_dir, tmp_path, monkeypatch):

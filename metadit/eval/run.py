@@ -180,11 +180,11 @@ def evaluate(
     split_path = split_file or (str(run_dir / "split.json") if run_dir else None)
     if split_path is None and adapter is not None and (Path(adapter) / "split.json").is_file():
         split_path = str(Path(adapter) / "split.json")  # a shipped adapter carries the split it was trained on
-    if split_path is None and not (split == "unseen" and banks):
-        raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out), or --banks "
-                           "with --split unseen (every entry: no adapter saw any of them)")
-    # No run and no split file: no label was trained on or validated, so every entry of the banks is unseen
-    # (what a white-box method such as the trigger search needs; no adapter is involved).
+    if split_path is None and not (split == "unseen" and banks and adapter is None):
+        raise MetaditError("give --run RUN_DIR or --split_file SPLIT.json (which labels are held out), or, with no "
+                           "adapter, --banks with --split unseen (every entry)")
+    # No run, no split file, no adapter: nothing was trained on the banks, so every entry is unseen (what a
+    # white-box method such as the trigger search needs). An adapter without its split could have trained on them.
     sp = read_split(split_path) if split_path is not None else {"train": [], "banks": list(banks)}
     if split != "unseen" and split not in sp:
         raise MetaditError(f"{split_path}: no {split!r} split (choose test, val or unseen)")
