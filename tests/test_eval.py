@@ -389,9 +389,13 @@ def test_the_demo_runs_its_steps_on_the_tiny_model(run_dir, tmp_path):
     import subprocess
     import sys
 
+    import shutil
+
+    shipped = tmp_path / "shipped"  # laid out as a shipped adapter: the peft directory with its run's split.json
+    shutil.copytree(run_dir / "adapter", shipped)
+    shutil.copy(run_dir / "split.json", shipped / "split.json")
     env = dict(os.environ, BIN=str(Path(sys.executable).parent), BANK=str(tmp_path / "bank"), RUNS=str(tmp_path / "runs"),
-               GEN_CONFIG="configs/gen/tiny_topic.yaml", FIT_CONFIG="configs/fit/tiny_topic.yaml",
-               SHIPPED=str(run_dir / "adapter"))
+               GEN_CONFIG="configs/gen/tiny_topic.yaml", FIT_CONFIG="configs/fit/tiny_topic.yaml", SHIPPED=str(shipped))
     done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
