@@ -386,10 +386,10 @@ def test_a_split_file_whose_banks_are_gone_still_evaluates(run_dir, tmp_path):
 def test_the_demo_runs_its_steps_on_the_tiny_model(run_dir, tmp_path):
     """scripts/demo.sh end to end on the tiny model, a fit run's adapter standing in for the shipped one."""
     import os
+    import re
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     shipped = tmp_path / "shipped"  # laid out as a shipped adapter: the peft directory with its run's split.json
     shutil.copytree(run_dir / "adapter", shipped)
@@ -407,8 +407,6 @@ def test_the_demo_runs_its_steps_on_the_tiny_model(run_dir, tmp_path):
     shipped = json.loads((tmp_path / "runs" / "shipped-eval" / "eval.json").read_text())
     assert {r["method"] for r in shipped["rows"]} == {"dit", "no_diff", "base_question"}
     assert {r["index"] for r in shipped["rows"]} == set(range(16))  # no demo topic is in the adapter's split
-    import re
-
     assert re.search(r"DIT (beats|does not beat|is worse than) no_diff", done.stdout + done.stderr)  # said in words
     own = json.loads((tmp_path / "runs" / "lightning_logs" / "demo" / "eval" / "eval.json").read_text())
     assert {r["method"] for r in own["rows"]} >= {"dit", "no_diff", "twenty_questions"}

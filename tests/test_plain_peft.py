@@ -56,7 +56,7 @@ def test_adapters_load_in_plain_peft_rank_8_on_q_k_v_o_and_a_rerun_resumes(tmp_p
         model = PeftModel.from_pretrained(base, tmp_path / a["dir"])
         b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
         assert b.abs().sum() > 0  # trained: peft initialises B to zero
-    # the two adapters differ (each its own topic), and the base model was left clean between them
+    # the two adapters differ: each was trained on its own topic's answers
     from safetensors.torch import load_file
 
     first, second = (load_file(tmp_path / a["dir"] / "adapter_model.safetensors") for a in manifest["adapters"])
