@@ -75,7 +75,9 @@ def test_split_writer_writes_the_label_split_at_every_stage(runs):
 def test_adapter_export_saves_the_best_checkpoints_adapter(runs):
     adapter = runs["fit"] / "adapter"
     assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "metadit.json",
-                                                   "metadit_best.json"}
+                                                   "metadit_best.json", "split.json"}
+    # the folder ships alone: it carries the split its run trained on, byte for byte
+    assert (adapter / "split.json").read_bytes() == (runs["fit"] / "split.json").read_bytes()
     assert json.loads((adapter / "metadit.json").read_text()) == {"chat_format": "default"}
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY_NAME
     val = {int(r["epoch"]): float(r["val/loss"]) for r in _rows(runs["fit"]) if r.get("val/loss")}

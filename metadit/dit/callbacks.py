@@ -13,6 +13,7 @@ writes none.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -50,7 +51,9 @@ class SplitWriter(Callback):
 class AdapterExport(Callback):
     """At the end of fit, loads the best checkpoint's trainable parts (the trainer's checkpoint callback's
     `best_model_path`: the shipped configs monitor held-out-diff validation loss; none: the final weights) and saves
-    them with `metadit.dit.adapter.save_adapter` to `RUN/adapter/`, with `metadit_best.json` ({checkpoint, best_val_loss})."""
+    them with `metadit.dit.adapter.save_adapter` to `RUN/adapter/`, with `metadit_best.json` ({checkpoint, best_val_loss})
+    and a copy of the run's `split.json`: the folder alone is what ships, and `metadit eval` refuses an adapter without
+    the split it trained on (it might have trained on the diffs it is asked about)."""
 
     DIRNAME = "adapter"
 
@@ -68,6 +71,9 @@ class AdapterExport(Callback):
         score = cb.best_model_score if best else None
         (path / "metadit_best.json").write_text(json.dumps({"checkpoint": best or None,
                                                             "best_val_loss": float(score) if score is not None else None}))
+        split = out / SplitWriter.FILENAME
+        if split.is_file():
+            shutil.copyfile(split, path / SplitWriter.FILENAME)
 
 
 def default_callbacks() -> list[Callback]:
