@@ -184,3 +184,26 @@ def test_eval_never_scores_a_headline_whose_template_trained(news_bank, tmp_path
     items = load_heldout([str(news_bank)], clean, ["headline"], load_diffs=False)
     assert [(h.id, h.question()) for h in per_phrasing(items)] == \
         [(h.id, q) for h in items for q in HEADLINE.heldout_questions]
+
+
+# ---------------------------------------------------------------------- data-scaling replicates
+def test_a_subset_seed_redraws_the_training_subset_and_keeps_the_held_out_split(tiny_topic_bank, tmp_path):
+    """Data-scaling replicates at one size: each `subset_seed` draws other training diffs, the held-out diffs stay
+    the split seed's; without one the subset is the split seed's draw (runs before the option are unchanged)."""
+    def sides(dm: DiffQADataModule) -> dict[str, set]:
+        return {k: {(e.bank, e.entry) for e in v} for k, v in dm.splits.items()}
+
+    full = sides(_data(tiny_topic_bank, ["topic"], 2, 2))
+    n = len(full["train"]) // 2
+    default = sides(_data(tiny_topic_bank, ["topic"], 2, 2, max_train_diffs=n))
+    drawn = [sides(_data(tiny_topic_bank, ["topic"], 2, 2, max_train_diffs=n, subset_seed=k)) for k in range(8)]
+    for s in (default, *drawn):
+        assert (s["val"], s["test"]) == (full["val"], full["test"])
+        assert len(s["train"]) == n and s["train"] <= full["train"]
+    assert drawn[0] == default  # subset_seed = seed: the draw of a run without the option
+    # 8 draws of n from 2n training diffs: ignoring the subset seed would make them all one set
+    assert len({frozenset(s["train"]) for s in drawn}) > 2
+    dm = _data(tiny_topic_bank, ["topic"], 2, 2, max_train_diffs=n, subset_seed=1)
+    dm.write_split(tmp_path / "split.json")
+    written = json.loads((tmp_path / "split.json").read_text())
+    assert (written["seed"], written["subset_seed"]) == (0, 1)

@@ -84,6 +84,7 @@ class DiffQADataModule(L.LightningDataModule):
         val_labels: int = 50,
         test_labels: int = 0,
         max_train_diffs: int | None = None,
+        subset_seed: int | None = None,
         questions_per_diff: int = 2,
         skip_flagged: bool = False,
         batch_size: int = 16,
@@ -102,6 +103,8 @@ class DiffQADataModule(L.LightningDataModule):
                 one training phrasing (validation chooses the checkpoint, so it never sees a test phrasing).
             test_labels: further labels held out for testing, each asked every held-out phrasing.
             max_train_diffs: use at most this many training diffs (the data-scaling study).
+            subset_seed: which `max_train_diffs` training diffs are drawn (default: `seed`); the held-out split stays
+                `seed`'s, so replicates of one training size vary the subset on the same held-out diffs.
             questions_per_diff: training phrasings per (diff, task) per epoch.
             skip_flagged: leave out diffs whose behaviour check failed.
             batch_size: rows per batch (= diffs per forward).
@@ -120,6 +123,7 @@ class DiffQADataModule(L.LightningDataModule):
         self.base_model = base_model
         self.val_labels, self.test_labels = val_labels, test_labels
         self.max_train_diffs = max_train_diffs
+        self.subset_seed = subset_seed
         self.questions_per_diff = questions_per_diff
         self.skip_flagged = skip_flagged
         self.batch_size = batch_size
@@ -191,7 +195,8 @@ class DiffQADataModule(L.LightningDataModule):
         splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
         train_entries = [(b, i, m) for b, i, m in entries if label(m) not in val | test and label(m) is not None]
         if self.max_train_diffs is not None:
-            train_entries = sorted(train_entries, key=lambda e: random.Random(f"{self.seed}:{e[0]}:{e[1]}").random())
+            draw = self.seed if self.subset_seed is None else self.subset_seed
+            train_entries = sorted(train_entries, key=lambda e: random.Random(f"{draw}:{e[0]}:{e[1]}").random())
             train_entries = train_entries[: self.max_train_diffs]
         keep_train = {(b, i) for b, i, _ in train_entries}
         for b, i, m in entries:
@@ -223,6 +228,8 @@ class DiffQADataModule(L.LightningDataModule):
         out = {k: sorted({e.label for e in v}) for k, v in self.splits.items()}
         out["banks"] = self.bank_paths
         out["seed"] = self.seed
+        if self.subset_seed is not None:
+            out["subset_seed"] = self.subset_seed
         out["counts"] = {k: len(v) for k, v in self.splits.items()}
         out["questions"] = {k: sorted({e.question for e in v}) for k, v in self.splits.items() if k != "train"}
         # What an evaluation needs of the banks beyond the labels, so that it runs where they are not (a shipped
