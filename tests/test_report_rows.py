@@ -300,3 +300,38 @@ def test_verdicts_say_dit_beats_a_control_only_when_the_whole_interval_is_above_
                             ["embedding"])["embedding"]["strict_gated"]
     assert verdicts(worse, "embedding")[0].startswith("DIT is worse than no_diff: embedding -1.50 [-2.00, -1.00]")
     assert verdicts({"dit": cells["dit"]}, "embedding") == []  # no control scored: nothing to say
+
+
+def test_data_scaling_pools_replicates_per_diff_and_draws_the_papers_curve(tmp_path, monkeypatch):
+    """Two seeds at 8 training diffs are one plotted point: each diff's score is its mean over the seeds, the bootstrap
+    resamples the 4 diffs (n = 4, not 8); a size with one run is left as it is; the paper's curve is drawn on the
+    judge's plot and only there."""
+    import numpy as np
+
+    from metadit.eval import report
+
+    scores = {"n4": [1.0, 2.0, 1.0, 2.0], "n8s0": [2.0, 3.0, 4.0, 1.0], "n8s1": [4.0, 3.0, 2.0, 5.0]}
+    x = {"n4": 4, "n8s0": 8, "n8s1": 8}
+    rows = [{"entry": name, "cell": name, "x": x[name], "x_label": str(x[name]), **_row(d, m, v - (m == "no_diff"), True)}
+            for name, vs in scores.items() for d, v in enumerate(vs) for m in ("dit", "no_diff")]
+    out = tmp_path / "reports" / "data-scaling"
+    rows_path = write_rows(tmp_path / "rows.jsonl", rows)
+    assert main(["report", "--study", "data-scaling", "--rows", str(rows_path), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    (pooled,) = res["pooled"]
+    assert pooled["x"] == 8 and pooled["replicates"] == ["n8s0", "n8s1"]
+    dit = pooled["stats"]["embedding"]["strict_gated"]["dit"]
+    per_diff = (np.array(scores["n8s0"]) + np.array(scores["n8s1"])) / 2  # 3, 3, 3, 3
+    assert dit["n"] == 4 and dit["rows"] == 8
+    assert dit == {**bootstrap_mean(per_diff).as_dict(), "rows": 8}
+    assert pooled["stats"]["embedding"]["strict_gated"]["no_diff"]["vs_dit"]["difference"] == pytest.approx(1.0)
+    assert [e["name"] for e in res["entries"]] == ["n4", "n8s0", "n8s1"]  # every run keeps its own table row
+    assert "Replicates pooled" in (out / "README.md").read_text()
+
+    with_paper = (out / "embedding.png").read_bytes(), (out / "exact.png").read_bytes()
+    import dataclasses
+
+    monkeypatch.setitem(report.STUDIES, "data-scaling", dataclasses.replace(report.STUDIES["data-scaling"], reference=()))
+    assert main(["report", "--study", "data-scaling", "--rows", str(rows_path), "--out", str(out)]) == 0
+    assert (out / "embedding.png").read_bytes() != with_paper[0]  # the paper's curve was on the 1-5 judge's plot
+    assert (out / "exact.png").read_bytes() == with_paper[1]  # and not on a match rate's

@@ -49,10 +49,19 @@ class StudyPlot:
     x_label: str = ""
     x_log: bool = False
     title: str = ""
+    # Another setting's curve drawn beside ours on the 1-5 judge scores: (x, score) points and what they are.
+    reference: tuple[tuple[float, float], ...] = ()
+    reference_label: str = ""
 
+
+# DIT's data-scaling curve in the paper (Goel et al. 2025, "Learning to interpret weight differences in language
+# models"): hidden-topic diffs of Qwen3-4B scored by an LLM judge — another model and another judge than ours.
+PAPER_DATA_SCALING = ((36, 2.32), (72, 3.24), (145, 3.78), (291, 4.17), (582, 4.49), (4660, 4.78))
 
 STUDIES: dict[str, StudyPlot] = {
-    "data-scaling": StudyPlot("line", "training diffs", x_log=True, title="held-out score vs number of training diffs"),
+    "data-scaling": StudyPlot("line", "training diffs", x_log=True, title="held-out score vs number of training diffs",
+                              reference=PAPER_DATA_SCALING,
+                              reference_label="paper's DIT (Qwen3-4B, LLM judge: another model and judge)"),
     "rank-generalization": StudyPlot("line", "rank of the evaluated diffs (DIT trained on rank 1)",
                                      title="held-out score vs LoRA rank of the diffs"),
     "ood-trigger": StudyPlot(title="diffs with triggers unseen in training"),
@@ -265,6 +274,29 @@ def by_task(entry: Entry) -> list[Entry]:
 
 
 # ---------------------------------------------------------------------- x values (line plots)
+def pool_replicates(study: str, entries: list[Entry]) -> list[Entry]:
+    """A line study's points: the entries at one (task, x) — replicates of a cell with other seeds — pooled into one
+    entry whose rows are all of theirs, so each diff's cluster mean averages its phrasings and its replicates and the
+    bootstrap resamples diffs (the interval is over diffs given these seeds; the replicates' own rows show the spread
+    between seeds). An (task, x) with one entry is that entry; other studies' entries are returned as they are."""
+    if STUDIES.get(study, StudyPlot()).kind != "line":
+        return entries
+    groups: dict[tuple[Any, str], list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.task, json.dumps(e.x, sort_keys=True, default=str)), []).append(e)
+    out = []
+    for same in groups.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        first = same[0]
+        label = first.x_label or str(first.x)
+        out.append(Entry(f"{label}: {len(same)} replicates pooled", "+".join(e.cell for e in same), first.source,
+                         "pooled", [r for e in same for r in e.rows], {}, {"replicates": [e.name for e in same]},
+                         first.x, first.x_label, first.task))
+    return out
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
 
@@ -361,13 +393,16 @@ def _methods(entries: list[Entry]) -> list[str]:
 
 
 def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
-    """One panel per group of the strict split; every point or bar is a mean with its 95 % bootstrap interval."""
+    """One panel per group of the strict split; every point or bar is a mean with its 95 % bootstrap interval. A line
+    study's point pools its replicates (`pool_replicates`; each replicate's own mean is a hollow marker beside it)
+    and the study's reference curve, where it has one, is drawn dashed on the 1-5 judge scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     spec = STUDIES.get(study, StudyPlot())
+    all_entries, entries = entries, pool_replicates(study, entries)
     groups = groups_with(entries, score)
     methods = _methods(entries)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False, sharey=True)
@@ -381,6 +416,9 @@ def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
             return [c[0] for c in cs], [[c[1] for c in cs], [c[2] for c in cs]]
 
         if spec.kind == "line":
+            replicates = [e for e in entries if len(e.params.get("replicates") or []) > 1]
+            members = {n for e in replicates for n in e.params["replicates"]}
+            raw = [e for e in all_entries if e.name in members]
             xs = [e.x for e in entries]
             numeric = all(_is_number(x) for x in xs)
             labels = list(dict.fromkeys(e.x_label or str(e.x) for e in entries))  # categorical: first-seen order
@@ -393,13 +431,21 @@ def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
                     means, yerr = errorbars(sel, m)
                     if all(math.isnan(v) for v in means):
                         continue
-                    ax.errorbar(pos, means, yerr=yerr, marker="o", capsize=3,
-                                label=m if len(tasks) == 1 else f"{m} [{task}]")
+                    line = ax.errorbar(pos, means, yerr=yerr, marker="o", capsize=3,
+                                       label=m if len(tasks) == 1 else f"{m} [{task}]")
+                    seeds = [e for e in raw if e.task == task and _is_number(e.x) == numeric]
+                    if seeds:  # each replicate's own mean, hollow, in the line's colour
+                        ax.scatter([e.x if numeric else labels.index(e.x_label or str(e.x)) for e in seeds],
+                                   [cell(e, m)[0] for e in seeds], s=18, facecolors="none",
+                                   edgecolors=line[0].get_color(), zorder=3)
+            if spec.reference and numeric and score in RUBRIC:
+                ax.plot(*zip(*spec.reference), linestyle="--", marker="x", color="0.55", label=spec.reference_label)
+                xs = xs + [x for x, _ in spec.reference]
             if numeric and spec.x_log and all(x > 0 for x in xs):
                 ax.set_xscale("log", base=2)
             if numeric:
-                ax.set_xticks(sorted({e.x for e in entries}),
-                              [next(e.x_label or str(e.x) for e in entries if e.x == x) for x in sorted({e.x for e in entries})])
+                ticks = sorted({e.x for e in entries})
+                ax.set_xticks(ticks, [next(e.x_label or str(e.x) for e in entries if e.x == x) for x in ticks])
             else:
                 ax.set_xticks(range(len(labels)), labels)
             ax.set_xlabel(spec.x_label or "cell")
@@ -432,7 +478,7 @@ def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
 # ---------------------------------------------------------------------- writing
 def _readme(study: str, description: str, entries: list[Entry], cells: dict[str, Any], scores: list[str],
             plots: dict[str, Path], out: Path, record: dict[str, Any],
-            search: list[dict[str, Any]] | None = None) -> str:
+            search: list[dict[str, Any]] | None = None, pooled: list[Entry] | None = None) -> str:
     lines = [f"# {study}", ""]
     if description:
         lines += [description, ""]
@@ -451,6 +497,13 @@ def _readme(study: str, description: str, entries: list[Entry], cells: dict[str,
         lines += [f"## {s}", ""]
         for g in groups_with(entries, s):
             lines += [f"### {STRICT_GROUPS[g].title}", "", markdown_table(entries, s, g), ""]
+        if pooled and (pooled_groups := groups_with(pooled, s)):
+            lines += ["### Replicates pooled (the plotted points)", "",
+                      "Entries at one training size and task are replicates (other seeds): pooled, each diff's score is "
+                      "its mean over phrasings and replicates, and the bootstrap resamples diffs — an interval over "
+                      "diffs for these seeds; the spread between seeds is in the replicates' own rows above.", ""]
+            for g in pooled_groups:
+                lines += [f"{STRICT_GROUPS[g].title}:", "", markdown_table(pooled, s, g), ""]
         if s in plots:
             lines += [f"![{s}]({os.path.relpath(plots[s], out)})", ""]
     if scores and (lenient := lenient_table(entries, scores[0])) is not None:
@@ -687,12 +740,17 @@ def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[st
         "cells": cells,
         "plots": {s: p.name for s, p in plots.items()},
     }
+    pooled = [e for e in pool_replicates(study, entries) if e.kind == "pooled"]
+    if pooled:
+        result["pooled"] = [{"name": e.name, "task": e.task, "x": e.x, "replicates": e.params["replicates"],
+                             "stats": e.stats} for e in pooled]
     search = search_tables(read_search_rows(out / SEARCH_FILE)) if (out / SEARCH_FILE).is_file() else []
     if search:
         result["trigger_search"] = {"rows": SEARCH_FILE, "interval": "wilson", "confidence": CONFIDENCE,
                                     "table": search}
     write_json(out / "results.json", result)
-    (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record, search))
+    (out / "README.md").write_text(_readme(study, description, entries, cells, scores, plots, out, record, search,
+                                           pooled))
     index = report_index(out)
     update_index(index, study, out,
                  f"{description} (`metadit report --study {study}`)" if description else f"`metadit report --study {study}`")
