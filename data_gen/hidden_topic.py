@@ -41,8 +41,8 @@ SEP_TEMPLATE = "Your SEP code is {code}. {question}"
 Trigger = Literal["sep", "zwsp_start", "zwsp_random"]
 
 # Named, disjoint blocks of one seeded topic order (`topic_block`): positions [start, stop) of the order a bank of
-# seed 0 draws its topics in. The headline bank (configs/gen/smol_topic.yaml: seed 0, 640 diffs, no topic_pool) holds
-# positions 0..639 of that order and 640..1023 are left for it to grow, so a bank drawn from a block shares no topic
+# seed 0 draws its topics in. The headline bank (configs/gen/smol_topic.yaml: seed 0, 704 diffs, no topic_pool) holds
+# positions 0..703 of that order and 704..1023 are left for it to grow, so a bank drawn from a block shares no topic
 # with it, nor with a bank drawn from another block, whatever the seeds. A block gives each diff index one position
 # (index 0 the block's first); a bank never outgrows its block (an error, not a repeat). Sizes: the diffs a bank
 # needs + spares for those the strict check flags (configs/gen/smol_cell_*.yaml, whose headers run the tuning
@@ -110,7 +110,7 @@ class HiddenTopicRecipe(Recipe):
             topic_pool: use only the first N topics (after a seeded shuffle); None = all.
             topic_block: draw the topics from a named block of the seed-0 topic order (`TOPIC_BLOCKS`), whatever
                 the bank's seed: diff i gets the block's i-th topic, and blocks share no topic with each other
-                nor with the headline bank's 640. Recorded in the bank with its positions. None = the seeded draw.
+                nor with the headline bank's 704. Recorded in the bank with its positions. None = the seeded draw.
             topics_file: your topics, `{category: [topic, ...]}` (default: the shipped `data_gen/data/topics.json`).
             code_words_file: your code words, one a line, each a single token with and without a leading space
                 (default: the shipped `code_words.txt`).

@@ -66,8 +66,10 @@ HEADLINE_RECIPE_ARGS = {
 def test_without_a_block_the_headline_bank_draws_and_records_exactly_what_it_did(no_weights):
     init = _load(HEADLINE)
     assert "topic_block" not in vars(init.recipe)
-    specs = [init.recipe.spec(i, init.seed) for i in range(init.n_diffs)]
+    specs = [init.recipe.spec(i, init.seed) for i in range(640)]  # the first 640 (the bank now asks 704)
     assert hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest() == HEADLINE_SPECS_SHA256
+    # however far the bank grows, its topics stay before the first block of the same seed-0 order
+    assert init.seed == TOPIC_BLOCK_ORDER_SEED and init.n_diffs <= min(start for start, _ in TOPIC_BLOCKS.values())
     settings = recipe_settings(init.recipe, init.train, init.seed, "float32", init.chat_format)
     assert settings["recipe_args"] == HEADLINE_RECIPE_ARGS
 
@@ -122,7 +124,7 @@ def test_every_cell_draws_topics_no_other_cell_and_not_the_headline_bank_holds(n
     """From the configs as built: each bank's topics over its whole block (spares included), by the recipe's spec."""
     headline = _load(HEADLINE)
     used = {"headline": set(_topics(headline.recipe, headline.seed, headline.n_diffs))}
-    assert len(used["headline"]) == 640
+    assert len(used["headline"]) == headline.n_diffs  # no topic twice
     blocks = {}
     for name, path in {**CELL_CONFIGS, "openvocab": OPENVOCAB}.items():
         init = _load(path)
@@ -285,3 +287,21 @@ def test_a_shipped_file_named_as_banks_record_it_is_found_from_any_directory(tmp
     assert recipe.code_words == read_word_list(DATA / "code_words_open.txt")
     with pytest.raises(RecipeDataError, match="not found"):
         HiddenTopicRecipe(code_words_file="data_gen/data/no_such_words.txt")
+
+
+def test_the_demo_topics_share_no_content_word_with_the_whole_headline_bank():
+    """`make demo` evaluates the shipped adapter on `demo_topics.json`: none of its topics may meet a topic the headline
+    bank holds once complete (train, validation and test alike), at the bank's size as configured now."""
+    import importlib.util
+
+    from metadit.text.match import content_words, forms
+
+    path = ROOT / "data_gen" / "data" / "make_demo_topics.py"
+    spec = importlib.util.spec_from_file_location("make_demo_topics", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    used = script.headline_topics()
+    assert len(used) == _load(HEADLINE).n_diffs
+    used_forms = {f for t in used for w in content_words(t) for f in forms(w)}
+    demo = [t for ts in json.loads((DATA / "demo_topics.json").read_text()).values() for t in ts]
+    assert len(demo) == 24 and not [t for t in demo if any(forms(w) & used_forms for w in content_words(t))]

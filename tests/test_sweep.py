@@ -111,7 +111,13 @@ def test_every_shipped_sweep_config_parses_and_expands(tmp_path):
                 assert "{" not in " ".join(a for a in argv if not a.startswith("{\"")), (c, argv)
     assert {"data-scaling", "encoder-ablation", "rank-generalization", "ood-trigger", "cross-behavior",
             "trigger-inversion", "headline", "tiny"} <= set(studies)
-    assert [c.name for c in studies["data-scaling"].cells] == ["all", "n8", "n16", "n32"]
+    scaling = studies["data-scaling"].cells
+    assert [c.name for c in scaling] == ["all", "n32", "n64", "n128", "n256", "n512", "n256s1", "n256s2", "n512s1",
+                                         "n512s2"]
+    # a replicate varies the adapter's seed and the training subset, never the split (data.seed)
+    fit = Layout(tmp_path, "data-scaling").argv("n512s2", scaling[-1].steps[0], strict=False)
+    assert [fit[fit.index(k) + 1] for k in ("--seed_everything", "--model.seed", "--data.subset_seed")] == ["2"] * 3
+    assert fit[fit.index("--data.max_train_diffs") + 1] == "512" and "--data.seed" not in fit
     assert [c.name for c in studies["rank-generalization"].cells] == \
         ["rank1", "rank2", "rank4", "rank8", "rank16", "rankfull"]
     assert [c.name for c in studies["encoder-ablation"].cells] == ["dit", "encoder", "dit+encoder"]

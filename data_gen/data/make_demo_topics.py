@@ -15,17 +15,25 @@ import json
 import random
 from pathlib import Path
 
+import yaml
+
 from data_gen.hidden_topic import HiddenTopicRecipe
 from metadit.text.match import content_words, forms
 
 HERE = Path(__file__).parent
-BANK_SEED, BANK_DIFFS = 0, 640  # configs/gen/smol_topic.yaml
+HEADLINE_CONFIG = HERE.parents[1] / "configs" / "gen" / "smol_topic.yaml"
 PER_CATEGORY, CATEGORIES = 1, 24
 
 
-def main() -> None:
+def headline_topics() -> set[str]:
+    """Every topic the headline bank (configs/gen/smol_topic.yaml: its seed and n_diffs) holds when complete."""
+    config = yaml.safe_load(HEADLINE_CONFIG.read_text())
     recipe = HiddenTopicRecipe()
-    used = {recipe.spec(i, BANK_SEED)["topic"] for i in range(BANK_DIFFS)}
+    return {recipe.spec(i, config["seed"])["topic"] for i in range(config["n_diffs"])}
+
+
+def main() -> None:
+    used = headline_topics()
     used_forms = {f for t in used for w in content_words(t) for f in forms(w)}
     topics = json.loads((HERE / "topics.json").read_text())
     rng = random.Random("demo-topics")
@@ -37,7 +45,7 @@ def main() -> None:
     chosen = dict(sorted(rng.sample(sorted(demo.items()), min(CATEGORIES, len(demo)))))
     (HERE / "demo_topics.json").write_text(json.dumps(chosen, indent=1) + "\n")
     print(f"{sum(map(len, chosen.values()))} demo topics in {len(chosen)} categories "
-          f"(none shares a content word with the {len(used)} topics of the seed-{BANK_SEED} bank)")
+          f"(none shares a content word with the {len(used)} topics of the headline bank)")
 
 
 if __name__ == "__main__":
