@@ -30,12 +30,13 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "metadit" / "adapters"
-COPIED = ("adapter_config.json", "metadit.json", "metadit_best.json", "split.json", "diff_encoder.json")
+COPIED = ("adapter_config.json", "metadit.json", "metadit_best.json", "diff_encoder.json")  # and the split
 
 
 class ShipError(Exception):
@@ -50,9 +51,20 @@ def validation_loss(run: Path) -> float:
     loss = json.loads(record.read_text()).get("best_val_loss")
     if loss is None:
         raise ShipError(f"{run}: no validation loss recorded (a fit without a validation split cannot be chosen)")
-    if not (run / "adapter" / "split.json").is_file():
-        raise ShipError(f"{run}/adapter: no split.json (metadit eval refuses a shipped adapter without its split)")
     return float(loss)
+
+
+def split_file(run: Path) -> Path:
+    """The split the run trained on: its adapter's copy, else (runs exported before the copy) the run's own."""
+    for path in (run / "adapter" / "split.json", run / "split.json"):
+        if path.is_file():
+            return path
+    raise ShipError(f"{run}: no split.json (metadit eval refuses a shipped adapter without its split)")
+
+
+def held_out(run: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    split = json.loads(split_file(run).read_text())
+    return tuple(sorted(split.get("val", []))), tuple(sorted(split.get("test", [])))
 
 
 def to_bf16(src: Path, dst: Path) -> None:
@@ -71,41 +83,59 @@ def ship(runs: list[Path], name: str, dest: Path = DEST, evaluation: str | None 
     if not name or "/" in name or name.startswith("."):
         raise ShipError(f"--name {name!r}: a short name such as smollm2-topic")
     losses = {run: validation_loss(run) for run in runs}
+    splits = {run: held_out(run) for run in runs}
+    if len(set(splits.values())) > 1:  # validation losses on other diffs do not compare
+        raise ShipError("the runs were validated on different splits (val/test labels differ): give runs of one split")
     chosen = min(runs, key=lambda r: losses[r])
     out = dest / name
     if out.exists() and not force:
         raise ShipError(f"{out} exists (--force replaces it)")
+    adapter = chosen / "adapter"
+    weights = sorted(adapter.glob("*.safetensors"))
+    if not weights:
+        raise ShipError(f"{adapter}: no safetensors weights")
     tmp = dest / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write(tmp, name, runs, losses, chosen, weights, evaluation)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(tmp: Path, name: str, runs: list[Path], losses: dict[Path, float], chosen: Path, weights: list[Path],
+           evaluation: str | None) -> None:
     adapter = chosen / "adapter"
     for f in COPIED:
         if (adapter / f).is_file():
             shutil.copyfile(adapter / f, tmp / f)
-    weights = sorted(adapter.glob("*.safetensors"))
-    if not weights:
-        raise ShipError(f"{adapter}: no safetensors weights")
+    shutil.copyfile(split_file(chosen), tmp / "split.json")
     for w in weights:
         to_bf16(w, tmp / w.name)
     config = chosen / "config.yaml"
     if config.is_file():
-        shutil.copyfile(config, tmp / "fit_config.yaml")
+        resolved = yaml.safe_load(config.read_text()) or {}
+        resolved.pop("ckpt_path", None)  # a resumed run's checkpoint on the machine that trained it
+        (tmp / "fit_config.yaml").write_text("# The fit run's resolved config (LightningCLI's config.yaml), ckpt_path "
+                                             "dropped; its paths are the training machine's.\n"
+                                             + yaml.safe_dump(resolved, sort_keys=False))
     lines = [f"# {name}", "", f"A DIT adapter shipped by `scripts/ship_adapter.py` from the fit run `{chosen}`: of "
-             f"the {len(runs)} run(s) below, the one with the lowest validation loss (validation chose; the held-out "
-             "test never did). Weights cast to bf16.", "",
+             f"the {len(runs)} run(s) below (one split), the one with the lowest validation loss (validation chose; the "
+             "held-out test never did). Weights cast to bf16. Paths are the training machine's.", "",
              "| run | best validation loss |", "|---|---:|",
              *(f"| {r}{' (shipped)' if r == chosen else ''} | {losses[r]:.4f} |" for r in runs), "",
-             "Trained by `metadit fit --config fit_config.yaml` (the run's resolved config, beside this file)."
-             if config.is_file() else "The run had no config.yaml: its training command is not recorded here.", "",
+             "Trained by `metadit fit --config fit_config.yaml` (the run's resolved config, beside this file; the banks "
+             "it names must be there)." if config.is_file()
+             else "The run had no config.yaml: its training command is not recorded here.", "",
              "Weights (sha256): " + ", ".join(f"`{w.name}` {hashlib.sha256((tmp / w.name).read_bytes()).hexdigest()}"
                                               for w in weights), ""]
     if evaluation:
-        lines += [f"Evaluation: {evaluation}", ""]
+        lines += [f"Evaluation: {evaluation} (of the run's own weights; these are the same weights rounded to bf16).", ""]
     (tmp / "TRAINED.md").write_text("\n".join(lines))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,9 +310,12 @@ def test_data_scaling_pools_replicates_per_diff_and_draws_the_papers_curve(tmp_p
 
     from metadit.eval import report
 
-    scores = {"n4": [1.0, 2.0, 1.0, 2.0], "n8s0": [2.0, 3.0, 4.0, 1.0], "n8s1": [4.0, 3.0, 2.0, 5.0]}
-    x = {"n4": 4, "n8s0": 8, "n8s1": 8}
-    rows = [{"entry": name, "cell": name, "x": x[name], "x_label": str(x[name]), **_row(d, m, v - (m == "no_diff"), True)}
+    scores = {"n4": [1.0, 2.0, 1.0, 2.0], "n8s0": [2.0, 3.0, 4.0, 1.0], "n8s1": [4.0, 3.0, 2.0, 5.0],
+              # not replicates: two steps of one cell; two cells that scored other diffs
+              "n16/own": [1.0] * 4, "n16/keywords": [2.0] * 4, "n32s0": [3.0] * 4, "n32s1": [4.0] * 3}
+    x = {"n4": 4, "n8s0": 8, "n8s1": 8, "n16/own": 16, "n16/keywords": 16, "n32s0": 32, "n32s1": 32}
+    rows = [{"entry": name, "cell": name.split("/")[0], "x": x[name], "x_label": str(x[name]),
+             **_row(d, m, v - (m == "no_diff"), True)}
             for name, vs in scores.items() for d, v in enumerate(vs) for m in ("dit", "no_diff")]
     out = tmp_path / "reports" / "data-scaling"
     rows_path = write_rows(tmp_path / "rows.jsonl", rows)
@@ -325,7 +328,7 @@ def test_data_scaling_pools_replicates_per_diff_and_draws_the_papers_curve(tmp_p
     assert dit["n"] == 4 and dit["rows"] == 8
     assert dit == {**bootstrap_mean(per_diff).as_dict(), "rows": 8}
     assert pooled["stats"]["embedding"]["strict_gated"]["no_diff"]["vs_dit"]["difference"] == pytest.approx(1.0)
-    assert [e["name"] for e in res["entries"]] == ["n4", "n8s0", "n8s1"]  # every run keeps its own table row
+    assert [e["name"] for e in res["entries"]] == list(scores)  # every run keeps its own table row
     assert "Replicates pooled" in (out / "README.md").read_text()
 
     with_paper = (out / "embedding.png").read_bytes(), (out / "exact.png").read_bytes()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from metadit.models import TINY_NAME, load_base_model, resolve_adapter
@@ -15,7 +16,11 @@ from tests import load_script
 ship_adapter = load_script("ship_adapter")
 
 
-def _run(root: Path, name: str, val_loss: float | None, seed: int, split: bool = True) -> Path:
+SPLIT = {"train": ["a"], "val": ["b"], "test": ["c"]}
+
+
+def _run(root: Path, name: str, val_loss: float | None, seed: int, split: str | None = "adapter",
+         test: list[str] | None = None) -> Path:
     """A fit run as `metadit fit` leaves it, as far as shipping reads it: a peft LoRA of the tiny model (random
     nonzero factors) in RUN/adapter/ with metadit.json, metadit_best.json and split.json; RUN/config.yaml."""
     from peft import LoraConfig, get_peft_model
@@ -30,9 +35,10 @@ def _run(root: Path, name: str, val_loss: float | None, seed: int, split: bool =
     peft_model.save_pretrained(run / "adapter")
     (run / "adapter" / "metadit.json").write_text(json.dumps({"chat_format": "no_system"}))
     (run / "adapter" / "metadit_best.json").write_text(json.dumps({"checkpoint": None, "best_val_loss": val_loss}))
-    if split:
-        (run / "adapter" / "split.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "test": ["c"]}))
-    (run / "config.yaml").write_text(f"seed_everything: {seed}\n")
+    if split is not None:  # the adapter's copy, or only the run's own (runs exported before the copy)
+        where = run / "adapter" if split == "adapter" else run
+        where.joinpath("split.json").write_text(json.dumps({**SPLIT, "test": test or SPLIT["test"]}))
+    (run / "config.yaml").write_text(f"seed_everything: {seed}\nckpt_path: {run}/checkpoints/last.ckpt\n")
     return run
 
 
@@ -46,7 +52,8 @@ def test_the_lowest_validation_loss_ships_in_bf16_with_its_split_and_loads_every
     assert not list(dest.glob(".*"))  # no temporary directory left
     for f in ("adapter_config.json", "metadit.json", "metadit_best.json", "split.json"):
         assert (out / f).read_bytes() == (b / "adapter" / f).read_bytes(), f
-    assert (out / "fit_config.yaml").read_text() == "seed_everything: 1\n"
+    fit_config = yaml.safe_load((out / "fit_config.yaml").read_text())
+    assert fit_config == {"seed_everything": 1}  # the training machine's checkpoint path dropped
     original = load_file(str(b / "adapter" / "adapter_model.safetensors"))
     shipped = load_file(str(out / "adapter_model.safetensors"))
     assert shipped.keys() == original.keys()
@@ -67,11 +74,14 @@ def test_the_lowest_validation_loss_ships_in_bf16_with_its_split_and_loads_every
 
 def test_shipping_refuses_what_could_not_be_evaluated_or_would_overwrite(tmp_path, capsys):
     good = _run(tmp_path / "runs", "good", 1.0, 0)
-    no_split = _run(tmp_path / "runs", "nosplit", 0.5, 1, split=False)
+    no_split = _run(tmp_path / "runs", "nosplit", 0.5, 1, split=None)
     no_val = _run(tmp_path / "runs", "noval", None, 2)
+    other_split = _run(tmp_path / "runs", "other", 0.5, 3, test=["d"])
     dest = tmp_path / "adapters"
     with pytest.raises(ship_adapter.ShipError, match="no split.json"):
         ship_adapter.ship([good, no_split], "x", dest=dest)
+    with pytest.raises(ship_adapter.ShipError, match="different splits"):
+        ship_adapter.ship([good, other_split], "x", dest=dest)
     with pytest.raises(ship_adapter.ShipError, match="no validation loss"):
         ship_adapter.ship([no_val], "x", dest=dest)
     with pytest.raises(ship_adapter.ShipError, match="not a finished"):
@@ -95,3 +105,9 @@ def test_metadit_reads_a_shipped_bf16_adapter_into_a_model_of_either_dtype(tmp_p
         assert load_adapter(model, out, chat_format="no_system").mode == "dit"
         with pytest.raises(Exception, match="chat format"):
             load_adapter(model, out, chat_format="default")
+
+
+def test_a_run_exported_before_the_adapter_carried_its_split_ships_with_the_runs_own(tmp_path):
+    old = _run(tmp_path / "runs", "old", 1.0, 0, split="run")
+    out = ship_adapter.ship([old], "m", dest=tmp_path / "adapters")
+    assert (out / "split.json").read_bytes() == (old / "split.json").read_bytes()

@@ -26,9 +26,9 @@ PER_CATEGORY, CATEGORIES = 1, 24
 
 
 def headline_topics() -> set[str]:
-    """Every topic the headline bank (configs/gen/smol_topic.yaml: its seed and n_diffs) holds when complete."""
+    """Every topic the headline bank holds when complete: configs/gen/smol_topic.yaml's recipe, seed and n_diffs."""
     config = yaml.safe_load(HEADLINE_CONFIG.read_text())
-    recipe = HiddenTopicRecipe()
+    recipe = HiddenTopicRecipe(**config["recipe"].get("init_args", {}))
     return {recipe.spec(i, config["seed"])["topic"] for i in range(config["n_diffs"])}
 
 

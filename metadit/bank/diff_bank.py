@@ -50,7 +50,8 @@ def split_bank_spec(spec: str | Path) -> tuple[Path, int | None]:
     """`PATH[:N]` -> (PATH, N): a read-only view of a bank's first N entries (in the order they were written).
 
     Why: a bank grows (a resumed build appends), and every split or sample drawn from it changes with its size;
-    a study that names `banks/smol_topic[:112]` reads the same diffs after the bank has grown. A plain path
+    a study that names `banks/smol_topic[:704]` reads the same diffs after the bank has grown (and is refused, saying
+    so, while the bank holds fewer). A plain path
     (or an existing directory whose name happens to end in `[:N]`) is the whole bank.
     """
     m = _HEAD.match(str(spec))

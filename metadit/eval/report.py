@@ -54,8 +54,9 @@ class StudyPlot:
     reference_label: str = ""
 
 
-# DIT's data-scaling curve in the paper (Goel et al. 2025, "Learning to interpret weight differences in language
-# models"): hidden-topic diffs of Qwen3-4B scored by an LLM judge — another model and another judge than ours.
+# DIT's data-scaling curve in the paper (Goel, Kim, Shavit, Wang 2025, "Learning to Interpret Weight Differences in
+# Language Models", arXiv:2510.05092; the points as issue 12 quotes them from its data-scaling figure): hidden-topic
+# diffs of Qwen3-4B scored by an LLM judge — another model and another judge than ours.
 PAPER_DATA_SCALING = ((36, 2.32), (72, 3.24), (145, 3.78), (291, 4.17), (582, 4.49), (4660, 4.78))
 
 STUDIES: dict[str, StudyPlot] = {
@@ -274,23 +275,34 @@ def by_task(entry: Entry) -> list[Entry]:
 
 
 # ---------------------------------------------------------------------- x values (line plots)
+REPLICATE_PARAM = "seed"  # the one cell parameter in which replicates of a line study's point differ
+
+
+def _diffs_scored(e: Entry) -> set[tuple[Any, Any]]:
+    return {(r.get("diff"), r.get("task")) for r in e.rows}
+
+
 def pool_replicates(study: str, entries: list[Entry]) -> list[Entry]:
-    """A line study's points: the entries at one (task, x) — replicates of a cell with other seeds — pooled into one
-    entry whose rows are all of theirs, so each diff's cluster mean averages its phrasings and its replicates and the
-    bootstrap resamples diffs (the interval is over diffs given these seeds; the replicates' own rows show the spread
-    between seeds). An (task, x) with one entry is that entry; other studies' entries are returned as they are."""
+    """A line study's points: replicates — entries of distinct cells at one (task, x) and step whose cell parameters
+    differ only by `seed`, scored on the same diffs — pooled into one entry whose rows are all of theirs, so each
+    diff's cluster mean averages its phrasings and its replicates and the bootstrap resamples diffs (the interval is
+    over diffs given these seeds; the replicates' own rows show the spread between seeds). Anything else at one x (two
+    steps of one cell, other held-out diffs) is left as it is; other studies' entries are returned as they are."""
     if STUDIES.get(study, StudyPlot()).kind != "line":
         return entries
-    groups: dict[tuple[Any, str], list[Entry]] = {}
+    groups: dict[str, list[Entry]] = {}
     for e in entries:
-        groups.setdefault((e.task, json.dumps(e.x, sort_keys=True, default=str)), []).append(e)
+        step = e.name.split("/", 1)[1] if "/" in e.name else ""
+        same = {k: v for k, v in e.params.items() if k != REPLICATE_PARAM}
+        groups.setdefault(json.dumps([e.task, e.x, step, same], sort_keys=True, default=str), []).append(e)
     out = []
     for same in groups.values():
-        if len(same) == 1:
-            out.append(same[0])
+        if len(same) == 1 or len({e.cell for e in same}) < len(same) or \
+                any(_diffs_scored(e) != _diffs_scored(same[0]) for e in same):
+            out.extend(same)
             continue
         first = same[0]
-        label = first.x_label or str(first.x)
+        label = (first.x_label or str(first.x)) + (f" {first.name.split('/', 1)[1]}" if "/" in first.name else "")
         out.append(Entry(f"{label}: {len(same)} replicates pooled", "+".join(e.cell for e in same), first.source,
                          "pooled", [r for e in same for r in e.rows], {}, {"replicates": [e.name for e in same]},
                          first.x, first.x_label, first.task))
@@ -394,7 +406,7 @@ def _methods(entries: list[Entry]) -> list[str]:
 
 def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
     """One panel per group of the strict split; every point or bar is a mean with its 95 % bootstrap interval. A line
-    study's point pools its replicates (`pool_replicates`; each replicate's own mean is a hollow marker beside it)
+    study's point pools its replicates (`pool_replicates`; each replicate's own mean is a hollow marker at its x)
     and the study's reference curve, where it has one, is drawn dashed on the 1-5 judge scores."""
     import matplotlib
 
