@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every SmolLM2 bank the studies read (scripts/studies.sh), with the sizes reports/ used. Each command resumes
+# Every SmolLM2 bank the studies read (scripts/studies.sh), with the sizes the study configs need (topic 704, news 96). Each command resumes
 # (finished diffs are skipped), so rerun this after an interruption; one at a time on 2 cores.
 # Wall time here: the hidden-topic recipe of configs/gen/smol_topic.yaml ~63 diffs/hour in fp32 on an AVX2 CPU
 # (reports/bench/build.json), ~1 h per 97 news diffs (reports/gen/README.md).
@@ -11,7 +11,7 @@ BIN=.venv/bin
 for part in ${ONLY:-topic news rank ood full openvocab gate}; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case $part in
-    topic) $BIN/metadit gen --config configs/gen/smol_topic.yaml --n_diffs "${TOPIC_DIFFS:-640}" ;;
+    topic) $BIN/metadit gen --config configs/gen/smol_topic.yaml --n_diffs "${TOPIC_DIFFS:-704}" ;;
     news) $BIN/metadit gen --config configs/gen/smol_news.yaml --n_diffs "${NEWS_DIFFS:-96}" ;;
     rank)  # rank generalization cells (issue 14): 24 diffs per rank, topics in no other cell nor in banks/smol_topic
       for r in 2 4 8 16; do $BIN/metadit gen --config "configs/gen/smol_cell_rank$r.yaml"; done ;;

@@ -165,7 +165,7 @@ def _settings(init):
 def test_each_cell_is_the_strict_default_with_its_own_knobs(cell, no_weights):
     head, init = _load(HEADLINE), _load(CELL_CONFIGS[cell])
     assert vars(init.recipe)["topic_block"]["name"] == f"cell_{cell}"
-    assert (init.n_diffs, init.bank, init.dtype, init.chat_format) == (24, f"banks/cell_{cell}", "float32", "no_system")
+    assert (init.n_diffs, init.bank, init.dtype, init.chat_format) == (24, f"banks/cell_{cell}", head.dtype, "no_system")
     assert init.seed not in (head.seed, TUNE_SEED)
     head_args, head_train = _settings(head)
     args, train = _settings(init)

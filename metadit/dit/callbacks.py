@@ -3,7 +3,8 @@
 - `SplitWriter`: `split.json`, which labels train, validate and test (`metadit eval` reads it), at every stage's set-up.
 - `AdapterExport`: at the end of fit, the best checkpoint's adapter as a peft directory, `adapter/`
   (`PeftModel.from_pretrained(base, RUN/adapter)` loads it; `metadit.json` records the chat format,
-  `metadit_best.json` the checkpoint it came from; an encoder mode's `DiffEncoder` beside it, see
+  `metadit_best.json` the checkpoint it came from, `split.json` a copy of the run's, so the folder ships alone; an
+  encoder mode's `DiffEncoder` beside it, see
   `metadit.dit.adapter`). `metadit eval --run RUN` answers the held-out diffs with it, in every mode.
 
 Files go to the run's log directory on the global-zero process only; a run with no log directory (`fast_dev_run`)
