@@ -18,6 +18,7 @@ appended together like any pass.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -405,7 +406,8 @@ def generate_bank(
             recorded.get("train") not in (None, settings["train"]) or \
             ("recipe_args" in recorded and any(recorded.get(k) != settings.get(k) for k in ("dtype", "chat_format"))):
         raise MetaditError(
-            f"{path}: this bank was built with other recipe or training settings ({recorded}); "
+            f"{path}: this bank was built with other recipe or training settings ("
+            f"{'; '.join(settings_differences(recorded, settings))}); "
             "resume it with the same config (and --dtype / --chat_format), or build into a new bank"
         )
     mine = [p for p in db.problems if p.writer == writer]
@@ -505,6 +507,22 @@ def _full_meta(diff: Any, store_rank: int) -> dict[str, Any]:
             "relative_error": round(float(info["relative_error"]), 6),
             "relative_error_per_module": {n: round(float(e), 6)
                                           for n, e in sorted(info.get("relative_error_per_module", {}).items())}}
+
+
+def settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """What differs between a bank's recorded settings and this build's (`recipe_settings`), one `key: bank X, now Y`
+    each; the keys `recipe_settings` leaves out at their defaults are compared at those defaults (a bank built in
+    bf16 records no dtype, so an `auto` that resolves to fp32 on another machine reads "dtype: bank bfloat16, now
+    float32")."""
+    out = []
+    for section in ("recipe_args", "train"):
+        mine, theirs = settings.get(section) or {}, recorded.get(section) or {}
+        out += [f"{section}.{k}: bank {json.dumps(theirs.get(k))}, now {json.dumps(mine.get(k))}"
+                for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    for key, default in (("dtype", "bfloat16"), ("chat_format", "default")):
+        if recorded.get(key, default) != settings.get(key, default):
+            out.append(f"{key}: bank {recorded.get(key, default)}, now {settings.get(key, default)}")
+    return out or [f"recorded {json.dumps(recorded)[:300]}"]
 
 
 def recipe_settings(recipe: Any, train: TrainSettings, seed: int, dtype: str = "bfloat16",

@@ -221,7 +221,15 @@ def test_gen_records_chat_format_and_dtype_and_refuses_another_on_resume(tmp_pat
     assert DiffBank.open(bank_dir).chat_format == "no_system"
     capsys.readouterr()
     assert main(args[:-2] + ["--n_diffs", "3", "--dtype", "float32"]) == 1  # default chat format: refused
-    assert "other recipe or training settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other recipe or training settings" in err and "chat_format: bank no_system, now default" in err
+    # another dtype (what `auto` gives on a machine of another kind) is named, with bf16's unrecorded default
+    assert main(args[:-2] + ["--n_diffs", "3", "--chat_format", "no_system", "--dtype", "bfloat16"]) == 1
+    assert "dtype: bank float32, now bfloat16" in capsys.readouterr().err
+    assert main(args[:-2] + ["--n_diffs", "3", "--chat_format", "no_system", "--dtype", "float32",
+                             "--train.lr", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "train.lr: bank " in err and "now 0.5" in err and "dtype:" not in err  # only what differs is named
 
 
 # ---------------------------------------------------------------------- opening negatives
