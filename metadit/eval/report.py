@@ -404,17 +404,18 @@ def _methods(entries: list[Entry]) -> list[str]:
     return out
 
 
-def plot(study: str, entries: list[Entry], score: str, path: Path) -> Path:
+def plot(study: str, entries: list[Entry], score: str, path: Path, points: list[Entry] | None = None) -> Path:
     """One panel per group of the strict split; every point or bar is a mean with its 95 % bootstrap interval. A line
     study's point pools its replicates (`pool_replicates`; each replicate's own mean is a hollow marker at its x)
-    and the study's reference curve, where it has one, is drawn dashed on the 1-5 judge scores."""
+    and the study's reference curve, where it has one, is drawn dashed on the 1-5 judge scores. `points`: the
+    entries' `pool_replicates`, when the caller has them (their bootstrap is computed once, not once per plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     spec = STUDIES.get(study, StudyPlot())
-    all_entries, entries = entries, pool_replicates(study, entries)
+    all_entries, entries = entries, pool_replicates(study, entries) if points is None else points
     groups = groups_with(entries, score)
     methods = _methods(entries)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False, sharey=True)
@@ -738,7 +739,8 @@ def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[st
     description = description if description is not None else STUDIES.get(study, StudyPlot()).title
     scores = score_names(entries)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {s: plot(study, entries, s, out / f"{s}.png") for s in scores}
+    points = pool_replicates(study, entries)  # once: a pooled entry's bootstrap is computed on first use, then kept
+    plots = {s: plot(study, entries, s, out / f"{s}.png", points) for s in scores}
     result = {
         "study": study, "description": description,
         "info": {"command": f"metadit report --study {study}", "rows": ROWS_FILE, "sources": SOURCES_FILE},
@@ -752,7 +754,7 @@ def make_report(study: str, rows_path: Path, out: Path, console=None) -> dict[st
         "cells": cells,
         "plots": {s: p.name for s, p in plots.items()},
     }
-    pooled = [e for e in pool_replicates(study, entries) if e.kind == "pooled"]
+    pooled = [e for e in points if e.kind == "pooled"]
     if pooled:
         result["pooled"] = [{"name": e.name, "task": e.task, "x": e.x, "replicates": e.params["replicates"],
                              "stats": e.stats} for e in pooled]
