@@ -401,13 +401,10 @@ def generate_bank(
     with _rank0_first(world_size, rank):  # rank 0 creates the bank (and the model cache) before the others open it
         identity = identity_of(base_model)
         db = DiffBank.create(path, base_model=identity, exist_ok=True, writer=writer, info=settings)
-    recorded = db.header.get("info", {})
-    if recorded.get("recipe_args") not in (None, settings["recipe_args"]) or \
-            recorded.get("train") not in (None, settings["train"]) or \
-            ("recipe_args" in recorded and any(recorded.get(k) != settings.get(k) for k in ("dtype", "chat_format"))):
+    differences = settings_differences(db.header.get("info", {}), settings)
+    if differences:
         raise MetaditError(
-            f"{path}: this bank was built with other recipe or training settings ("
-            f"{'; '.join(settings_differences(recorded, settings))}); "
+            f"{path}: this bank was built with other recipe or training settings ({'; '.join(differences)}); "
             "resume it with the same config (and --dtype / --chat_format), or build into a new bank"
         )
     mine = [p for p in db.problems if p.writer == writer]
@@ -510,19 +507,25 @@ def _full_meta(diff: Any, store_rank: int) -> dict[str, Any]:
 
 
 def settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    """What differs between a bank's recorded settings and this build's (`recipe_settings`), one `key: bank X, now Y`
-    each; the keys `recipe_settings` leaves out at their defaults are compared at those defaults (a bank built in
-    bf16 records no dtype, so an `auto` that resolves to fp32 on another machine reads "dtype: bank bfloat16, now
-    float32")."""
+    """Why a bank with `recorded` settings may not be resumed by this build (`recipe_settings`): one
+    `key: bank X, now Y` per differing key, none when it may.
+
+    A section the bank never recorded (banks made before it existed) is not compared; `dtype` and `chat_format`,
+    which `recipe_settings` leaves out at their defaults, are compared at those defaults once a bank records its
+    recipe (a bank built in bf16 records no dtype, so an `auto` that resolves to fp32 on another machine reads
+    "dtype: bank bfloat16, now float32")."""
     out = []
     for section in ("recipe_args", "train"):
-        mine, theirs = settings.get(section) or {}, recorded.get(section) or {}
+        if recorded.get(section) is None:
+            continue
+        mine, theirs = settings.get(section) or {}, recorded[section]
         out += [f"{section}.{k}: bank {json.dumps(theirs.get(k))}, now {json.dumps(mine.get(k))}"
                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    for key, default in (("dtype", "bfloat16"), ("chat_format", "default")):
-        if recorded.get(key, default) != settings.get(key, default):
-            out.append(f"{key}: bank {recorded.get(key, default)}, now {settings.get(key, default)}")
-    return out or [f"recorded {json.dumps(recorded)[:300]}"]
+    if "recipe_args" in recorded:
+        for key, default in (("dtype", "bfloat16"), ("chat_format", "default")):
+            if recorded.get(key, default) != settings.get(key, default):
+                out.append(f"{key}: bank {recorded.get(key, default)}, now {settings.get(key, default)}")
+    return out
 
 
 def recipe_settings(recipe: Any, train: TrainSettings, seed: int, dtype: str = "bfloat16",

@@ -70,7 +70,7 @@ def test_without_a_block_the_headline_bank_draws_and_records_exactly_what_it_did
     assert hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest() == HEADLINE_SPECS_SHA256
     # however far the bank grows, its topics stay before the first block of the same seed-0 order
     assert init.seed == TOPIC_BLOCK_ORDER_SEED and init.n_diffs <= min(start for start, _ in TOPIC_BLOCKS.values())
-    settings = recipe_settings(init.recipe, init.train, init.seed, "float32", init.chat_format)
+    settings = recipe_settings(init.recipe, init.train, init.seed, chat_format=init.chat_format)
     assert settings["recipe_args"] == HEADLINE_RECIPE_ARGS
 
 
@@ -156,7 +156,7 @@ CELL_KNOBS = {
 
 
 def _settings(init):
-    s = recipe_settings(init.recipe, init.train, init.seed, "float32", init.chat_format)
+    s = recipe_settings(init.recipe, init.train, init.seed, chat_format=init.chat_format)
     args = {k: v for k, v in s["recipe_args"].items() if k not in ("topic_block", "mix")}
     return args, s["train"]
 

@@ -14,6 +14,7 @@ from data_gen.hidden_topic import recorded_code_words
 from data_gen.recipe import RecipeDataError
 from metadit.bank import DiffBank
 from metadit.cli import main
+from metadit.gen import settings_differences
 from metadit.models import set_chat_format
 from metadit.text import chat_prompt
 from metadit.text.match import content_words, names_topic
@@ -263,3 +264,21 @@ def test_opening_negatives_off_leaves_the_sample_stream_and_the_recorded_setting
     assert vars(HiddenTopicRecipe(opening_negatives=0.25))["opening_negatives"] == 0.25
     with pytest.raises(ValueError, match="opening_negatives"):
         HiddenTopicRecipe(opening_negatives=1.5)
+
+
+def test_settings_differences_lets_legacy_banks_resume_and_names_what_differs():
+    """One function decides a resume and words its refusal: a bank made before a section was recorded resumes
+    whatever this build's section says; a recorded bank is compared key by key, dtype and chat format at their
+    unrecorded defaults (bf16, default)."""
+    now = {"recipe": "hidden_topic", "seed": 0, "recipe_args": {"trigger": "sep"}, "train": {"lr": 0.007},
+           "dtype": "float32"}
+    assert settings_differences({}, now) == []  # a bank that recorded nothing (the oldest format)
+    assert settings_differences({"train": {"lr": 0.007}}, now) == []  # no recipe section: dtype not compared
+    assert settings_differences({"recipe_args": {"trigger": "sep"}, "train": {"lr": 0.007}, "dtype": "float32"},
+                                now) == []
+    assert settings_differences({"recipe_args": {"trigger": "sep"}, "train": {"lr": 0.007}}, now) == [
+        "dtype: bank bfloat16, now float32"]
+    assert settings_differences({"recipe_args": {"trigger": "zwsp"}, "train": {"lr": 0.5, "steps": 9},
+                                 "dtype": "float32", "chat_format": "no_system"}, now) == [
+        'recipe_args.trigger: bank "zwsp", now "sep"', "train.lr: bank 0.5, now 0.007", "train.steps: bank 9, now null",
+        "chat_format: bank no_system, now default"]
