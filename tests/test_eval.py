@@ -23,7 +23,7 @@ from metadit.nn import adapter_disabled
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
-                   "twenty_questions_trigger", "random_label", "likelihood"]
+                   "twenty_questions_trigger", "random_label", "likelihood", "likelihood_base"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_eval_runs_every_method_on_exactly_the_held_out_diffs(run_dir, tmp_path)
     per_method = {m: sorted({r["diff"] for r in rows if r["method"] == m}) for m in OFFLINE_METHODS}
     assert len({tuple(v) for v in per_method.values()}) == 1  # every method saw the same diffs
     # methods that ask the task's question ask it in every held-out phrasing, once each per diff
-    for m in ("dit", "no_diff", "base_question", "likelihood"):
+    for m in ("dit", "no_diff", "base_question", "likelihood", "likelihood_base"):
         asked = sorted((r["diff"], r["extra"]["question"]) for r in rows if r["method"] == m)
         assert asked == sorted((d, q) for d in per_method[m] for q in get_task("topic").heldout_questions), m
     # random_label only ever names a training label
@@ -81,6 +81,7 @@ def test_eval_runs_every_method_on_exactly_the_held_out_diffs(run_dir, tmp_path)
         assert r["match"] == {"exact": exact_match(r["prediction"], h.truth), "names_topic": names_topic(r["prediction"], h.truth)}
         assert (r["gate_held"], r["passed"]) == (h.meta["gate_held"], h.meta["passed"])  # the strict check's verdict
         want = {"dit": h.question(), "no_diff": h.question(), "base_question": h.question(), "likelihood": h.question(),
+                "likelihood_base": h.question(),
                 "base_question_trigger": triggered_message(h, h.question(), 0)}.get(r["method"])
         assert r["question"] == want, r["method"]
 
@@ -272,6 +273,17 @@ def test_likelihood_scores_match_a_hand_computation(run_dir):
             want = mean_logp(prompt, lab, h.diff) - mean_logp(prompt, lab, None)
             assert scores[i, j].item() == pytest.approx(want, abs=1e-4)
 
+    # likelihood_base: the same ranking on the bare model (the adapter off), and the adapter left on afterwards
+    bare = label_scores(ev, items, labels, adapter=False)
+    with adapter_disabled(ev.model):
+        for i, h in enumerate(items):
+            prompt = ev.chat(h.question())
+            for j, lab in enumerate(labels):
+                want = mean_logp(prompt, lab, h.diff) - mean_logp(prompt, lab, None)
+                assert bare[i, j].item() == pytest.approx(want, abs=1e-4)
+    assert (bare - scores).abs().max() > 1e-5  # the adapter changes the scores (a 1-epoch tiny adapter: a little)
+    assert torch.allclose(label_scores(ev, items, labels), scores)
+
 
 def test_summary_splits_gated_and_leaky_and_never_mixes_them():
     rows = [
@@ -416,7 +428,7 @@ def test_no_run_no_split_file_every_entry_of_the_banks_is_unseen(tiny_topic_bank
     """A white-box question about a bank needs no DIT run: `--banks B --split unseen` alone takes every entry."""
     from metadit.bank import DiffBank
 
-    result = evaluate(banks=[str(tiny_topic_bank)], split="unseen", methods=["base_question"], judges=["exact"],
+    result = evaluate(banks=[str(tiny_topic_bank)], split="unseen", methods=["base_question", "likelihood_base"], judges=["exact"],
                       verify=False, out=str(tmp_path / "e"))
     bank = DiffBank.open(tiny_topic_bank)
     assert sorted({r["index"] for r in result["rows"]}) == list(range(len(bank)))

@@ -17,6 +17,8 @@ Every method maps held-out diffs to one predicted label each (plus details), bat
 - `generated_story` (news): the diffed model writes a story (greedy); the guesser names its headline.
 - `random_label`: a random training label (what a score means when nothing is read).
 - `likelihood`: the held-out label whose answer the diff makes most likely (see `likelihood.py`; dit-mode adapters).
+- `likelihood_base`: the same ranking with no adapter (the diffed model against the base model): how much of
+  `likelihood` the diff gives away by itself.
 - `activation_lens`: the Activation Difference Lens (Minder et al. 2025) read by the guesser (`lens.py`).
 - `crosscoder`: a BatchTopK crosscoder per diff; its finetune-specific latents (Latent Scaling, Minder, Dumas et
   al. 2025) read by the guesser (`crosscoder/evidence.py`). Minutes per diff: not in the default methods.
@@ -348,10 +350,12 @@ def _random_label(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
     return out
 
 
-def _likelihood(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
-    from metadit.eval.likelihood import rank_labels
+def _likelihood(adapter: bool) -> Callable[[MethodContext, list[HeldOut]], list[Prediction]]:
+    def predict(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
+        from metadit.eval.likelihood import rank_labels
 
-    return rank_labels(ctx.ev, items)
+        return rank_labels(ctx.ev, items, adapter=adapter)
+    return predict
 
 
 def _activation_lens(ctx: MethodContext, items: list[HeldOut]) -> list[Prediction]:
@@ -392,9 +396,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("generated_story", _generated_story, "the diffed model writes a story, the guesser names its headline",
            tasks=("headline",), evidence="story", asks=lambda h, seed: _story_prompt()),
     Method("random_label", _random_label, "a random training label"),
-    Method("likelihood", _likelihood, "held-out label the diff makes most likely under the adapter",
+    Method("likelihood", _likelihood(True), "held-out label the diff makes most likely under the adapter",
            tasks=("topic", "headline"), needs_adapter=True, asks=_task_question, per_phrasing=True,
            adapter_modes=("dit",)),
+    Method("likelihood_base", _likelihood(False), "the same ranking with no adapter: what the diff gives away alone",
+           tasks=("topic", "headline"), asks=_task_question, per_phrasing=True),
     Method("activation_lens", _activation_lens, "activation difference lens + steering, read by the guesser",
            tasks=("topic", "headline"), evidence="evidence_text"),
     Method("crosscoder", _crosscoder, "BatchTopK crosscoder: finetune-specific latents' tokens and contexts, read by "

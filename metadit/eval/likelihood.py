@@ -5,6 +5,10 @@ answer tokens (teacher-forced, after the task's held-out question) under diff i 
 same under the adapter with no diff — the second term removes the adapter's prior over labels, so a label
 ranks high only if *this diff* raises it. The rank of the true label among the n candidates: chance top-1 is
 1/n. Cheap (forward passes only), needs no judge, and sees more than one greedy answer does.
+
+With `adapter=False` the same ranking runs on the diffed model against the base model, no adapter: the
+white-box control (`likelihood_base`) that says how much of the ranking the diff gives away by itself — a gated
+diff is trained to leave untriggered *samples* alone, not every log-probability — and so how much the adapter adds.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from typing import Any
 import torch
 
 from metadit.eval.heldout import HeldOut
+from metadit.nn import adapter_disabled
 
 
 @torch.no_grad()
-def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_tokens: int = 32) -> torch.Tensor:
-    """[len(items), len(labels)]: per-token log-probability of each label under each diff, minus under no diff."""
+def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_tokens: int = 32,
+                 adapter: bool = True) -> torch.Tensor:
+    """[len(items), len(labels)]: per-token log-probability of each label under each diff, minus under no diff;
+    under the DIT adapter, or (`adapter=False`) the bare model."""
     from metadit.text import answer_losses
 
+    if not adapter:
+        with adapter_disabled(ev.model):
+            return label_scores(ev, items, labels, max_answer_tokens)
     model, tok = ev.model, ev.tok
     scores = torch.zeros(len(items), len(labels))
     prior_cache: dict[str, list[float]] = {}
@@ -37,15 +47,16 @@ def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_to
     return scores
 
 
-def rank_labels(ev: Any, items: list[HeldOut]) -> list[tuple[str, dict[str, Any]]]:
-    """Per item: the top-scoring held-out label of its task, with the true label's rank (1 = best) and n."""
+def rank_labels(ev: Any, items: list[HeldOut], adapter: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """Per item: the top-scoring held-out label of its task, with the true label's rank (1 = best) and n; under the
+    DIT adapter, or (`adapter=False`) the bare model."""
     by_task: dict[str, list[int]] = defaultdict(list)
     for k, h in enumerate(items):
         by_task[h.task].append(k)
     out: list[tuple[str, dict[str, Any]] | None] = [None] * len(items)
     for task, idx in by_task.items():
         labels = sorted({items[k].truth for k in idx})
-        scores = label_scores(ev, [items[k] for k in idx], labels)
+        scores = label_scores(ev, [items[k] for k in idx], labels, adapter=adapter)
         for row, k in enumerate(idx):
             order = torch.argsort(scores[row], descending=True).tolist()
             rank = order.index(labels.index(items[k].truth)) + 1

@@ -27,7 +27,8 @@ from metadit.eval.rows import ROW_FIELDS, gate_verdict, match_columns, write_row
 from metadit.dit.tasks import get_task
 
 DEFAULT_METHODS = ["dit", "no_diff", "base_question", "base_question_trigger", "twenty_questions",
-                   "twenty_questions_trigger", "generated_story", "random_label", "likelihood", "activation_lens"]
+                   "twenty_questions_trigger", "generated_story", "random_label", "likelihood", "likelihood_base",
+                   "activation_lens"]
 RUBRIC_JUDGES = ("embedding", "llm")  # judges on the 1-5 scale; the first one given is the tables' headline score
 
 
