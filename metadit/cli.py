@@ -212,13 +212,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="core, gen: a model from its config alone, random weights, no download (a shipped name: "
                         "qwen3-8b, smollm2-135m, qwen3-tiny; or a config.json); replaces --model")
     p.add_argument("--layers", type=int, default=None, help="with --model-config: keep the first N layers (fits a CPU)")
-    p.add_argument("--device", default="cpu", help="core, gen: cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="core, gen, likelihood: cpu, cuda, cuda:1, ...")
     p.add_argument("--rows", type=int, default=16, help="batch rows (= different diffs)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per row")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after warm-up)")
     p.add_argument("--ks", default="16,64", help="gen: diffs per pass to measure, comma-separated")
     p.add_argument("--diffs", type=int, default=16, help="build: diffs per variant (one pass each)")
     p.add_argument("--variants", default="baseline,default", help="build: recipes to build, comma-separated")
+    p.add_argument("--labels", type=int, default=160, help="likelihood: labels scored per diff (the headline holds out 160)")
     p.add_argument("--dtype", default=None, help="compute dtype (bfloat16, float32; auto: bf16 where the device computes "
                    "it natively); default auto for core and gen, float32 for build")
     p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where <which>.json and README.md go")

@@ -285,6 +285,27 @@ def test_likelihood_scores_match_a_hand_computation(run_dir):
     assert torch.allclose(label_scores(ev, items, labels), scores)
 
 
+@torch.no_grad()
+def test_prompt_answer_losses_reuse_the_prompt_and_equal_answer_losses(run_dir):
+    """The prompt run once, its keys and values reused for every answer: the same losses as scoring each
+    (prompt, answer) row whole — answers of different lengths (right-padded), cut to max_answer_tokens, in
+    batches smaller than the list, under a diff and under none, with the DIT adapter on."""
+    from metadit.text import answer_losses, prompt_answer_losses
+
+    split = read_split(run_dir / "split.json")
+    diff = load_heldout(split["banks"], set(split["test"]), ["topic"])[0].diff
+    ev = Evaluator("tiny-random-smollm2", str(run_dir / "adapter"), dtype="float32")
+    prompt = ev.chat("What hidden topic were you trained to mention?")
+    answers = ["moose", "the Great Wall of China at dawn", "a", "gulab jamun and other sweets of India"]
+    for d in (diff, None):
+        for cut in (32, 3):
+            want = answer_losses(ev.model, ev.tok, [prompt] * 4, answers, [d] * 4, cut)
+            got = prompt_answer_losses(ev.model, ev.tok, prompt, answers, d, cut, batch_size=3)
+            assert got == pytest.approx(want, abs=1e-5)
+    assert prompt_answer_losses(ev.model, ev.tok, prompt, answers, diff, 32) != pytest.approx(
+        prompt_answer_losses(ev.model, ev.tok, prompt, answers, None, 32), abs=1e-6)  # the diff is applied
+
+
 def test_summary_splits_gated_and_leaky_and_never_mixes_them():
     rows = [
         {"method": "dit", "gated": True, "gate_held": True, "scores": {"embedding": 5.0}},

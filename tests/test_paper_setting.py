@@ -120,6 +120,17 @@ def test_bench_core_runs_on_a_config_alone_and_skips_what_does_not_fit(tmp_path,
     assert set(res["ratios"]) == {"factored_over_no_diff"}
 
 
+def test_bench_likelihood_times_both_ways_and_they_agree(tmp_path, capsys):
+    assert main(["bench", "likelihood", "--model", "tiny-random-smollm2", "--dtype", "float32", "--labels", "40",
+                 "--steps", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "likelihood.json").read_text())
+    assert set(res["seconds"]) == {"whole rows", "prompt once"} and res["speedup"] > 0
+    assert res["max_abs_loss_difference"] < 1e-4  # the same numbers, computed two ways
+    assert "## likelihood" in (tmp_path / "README.md").read_text()
+    assert main(["bench", "likelihood", "--model-config", "qwen3-tiny", "--out", str(tmp_path)]) == 1
+    assert "give --model" in capsys.readouterr().err
+
+
 def test_dense_bytes_is_every_layers_per_row_delta():
     from metadit.bench.core import dense_bytes
 

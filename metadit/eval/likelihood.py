@@ -27,7 +27,7 @@ def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_to
                  adapter: bool = True) -> torch.Tensor:
     """[len(items), len(labels)]: per-token log-probability of each label under each diff, minus under no diff;
     under the DIT adapter, or (`adapter=False`) the bare model."""
-    from metadit.text import answer_losses
+    from metadit.text import prompt_answer_losses
 
     if not adapter:
         with adapter_disabled(ev.model):
@@ -38,10 +38,10 @@ def label_scores(ev: Any, items: list[HeldOut], labels: list[str], max_answer_to
     for i, h in enumerate(items):
         prompt = ev.chat(h.question())
         if prompt not in prior_cache:  # the adapter alone, no diff: one pass per distinct question
-            prior_cache[prompt] = answer_losses(model, tok, [prompt] * len(labels), labels, [None] * len(labels),
-                                                max_answer_tokens, batch_size=ev.batch_size)
-        with_diff = answer_losses(model, tok, [prompt] * len(labels), labels, [h.diff] * len(labels),
-                                  max_answer_tokens, batch_size=ev.batch_size)
+            prior_cache[prompt] = prompt_answer_losses(model, tok, prompt, labels, None, max_answer_tokens,
+                                                       batch_size=ev.batch_size)
+        with_diff = prompt_answer_losses(model, tok, prompt, labels, h.diff, max_answer_tokens,
+                                         batch_size=ev.batch_size)
         # losses are mean negative log-probabilities: score = log p(diff) - log p(no diff)
         scores[i] = torch.tensor(prior_cache[prompt]) - torch.tensor(with_diff)
     return scores

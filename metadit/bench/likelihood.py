@@ -1,0 +1,114 @@
+"""The likelihood-ranking benchmark: one diff's scores for n labels after one question, two ways.
+
+- whole rows: every (question, label) row run in full (`metadit.text.answer_losses`, what likelihood ranking ran
+  before session 12)
+- prompt once: the question run once, its keys and values reused for every label (`prompt_answer_losses`)
+
+Likelihood ranking (`metadit.eval.likelihood`) does this twice per held-out diff and phrasing (under the diff, and
+the adapter's prior once per phrasing), so its cost grows with (held-out diffs) x (labels). Timed interleaved; the
+largest difference between the two ways' losses is reported beside the ratio (they compute the same numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from metadit.bank import LoraDiff
+from metadit.bench.common import device_name, interleaved, matmul_peak, median, write_report
+from metadit.errors import MetaditError
+from metadit.models import load_base_model, resolve_dtype
+from metadit.nn import add_adapter, layer_shapes, patch_model
+from metadit.provenance import git_commit, machine
+from metadit.text import answer_losses, chat_prompt, prompt_answer_losses
+
+TOPICS = Path(__file__).resolve().parents[2] / "data_gen" / "data" / "topics.json"
+
+
+def _rank1_diff(shapes: dict[str, tuple[int, int]], seed: int = 0) -> LoraDiff:
+    g = torch.Generator().manual_seed(seed)
+    A = {n: torch.randn(1, i, generator=g) / i**0.5 for n, (i, o) in shapes.items()}
+    B = {n: torch.randn(o, 1, generator=g) * 0.01 for n, (i, o) in shapes.items()}
+    return LoraDiff(A, B, {n: 1.0 for n in shapes})
+
+
+def bench_likelihood(args: argparse.Namespace) -> dict:
+    from metadit.dit.tasks import get_task
+
+    if getattr(args, "model_config", None):
+        raise MetaditError("bench likelihood scores real label text: give --model (it needs the tokenizer), not --model-config")
+    if args.labels < 1:
+        raise MetaditError(f"--labels must be >= 1, got {args.labels}")
+    console = Console()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype or "auto", device)
+    model, tok = load_base_model(args.model, dtype=dtype, device=args.device, chat_format="no_system")
+    patch_model(model)
+    with torch.no_grad():
+        for p in add_adapter(model, rank=16, seed=0)[1::2]:
+            p.normal_(std=0.01)  # a trained adapter, not the zero init
+    diff = _rank1_diff(layer_shapes(model))
+    topics = [t for group in json.loads(TOPICS.read_text()).values() for t in group]
+    labels = (topics * (args.labels // len(topics) + 1))[: args.labels]
+    prompt = chat_prompt(tok, [{"role": "user", "content": get_task("topic").heldout_questions[0]}])
+    batch = 32  # the evaluation's default batch size
+
+    results: dict[str, list[float]] = {}
+
+    def whole_rows() -> None:
+        results["whole rows"] = answer_losses(model, tok, [prompt] * len(labels), labels, [diff] * len(labels), 32,
+                                              batch_size=batch)
+
+    def prompt_once() -> None:
+        results["prompt once"] = prompt_answer_losses(model, tok, prompt, labels, diff, 32, batch_size=batch)
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    console.print(f"[bold]bench likelihood[/bold]: {args.model} on {device_name(device)} ({dtype_name}), one diff x "
+                  f"{len(labels)} labels, {args.steps} timed runs per variant (interleaved)")
+    peak = matmul_peak(dtype, device=device)
+    times = interleaved({"whole rows": whole_rows, "prompt once": prompt_once}, steps=args.steps, warmup=1,
+                        device=device)
+    gap = max(abs(a - b) for a, b in zip(results["whole rows"], results["prompt once"]))
+    speedup = median(times["whole rows"]) / median(times["prompt once"])
+    result = {
+        "benchmark": "likelihood",
+        "what": f"one diff's mean answer loss for {len(labels)} topic labels after the held-out question "
+                f"({dtype_name}, shared rank-16 adapter on, batches of {batch})",
+        "command": "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else "metadit bench likelihood",
+        "commit": git_commit(),
+        "model": args.model,
+        "device": device_name(device),
+        "dtype": dtype_name,
+        "machine": machine(),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "speedup": round(speedup, 3),
+        "max_abs_loss_difference": gap,
+    }
+    console.print(f"whole rows {median(times['whole rows']):.3f} s, prompt once {median(times['prompt once']):.3f} s: "
+                  f"{speedup:.2f}x; largest loss difference {gap:.2e}; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    md = [
+        "## likelihood: one diff's label scores, the question run once",
+        "",
+        f"Command: `{result['command']}` at commit `{result['commit']}` on {result['machine']['cpu']} "
+        f"({result['machine']['cores']} cores, torch {result['machine']['torch']})"
+        f"{'' if device.type == 'cpu' else ', device ' + result['device']}; {dtype_name} matmul peak measured in "
+        f"the run: {peak / 1e9:.0f} GFLOP/s.",
+        "",
+        f"{result['what']}. Timed interleaved, {args.steps} runs each after one warm-up; medians.",
+        "",
+        "| variant | median s |",
+        "|---|---:|",
+        *[f"| {k} | {median(v):.3f} |" for k, v in times.items()],
+        "",
+        f"**prompt once / whole rows: {speedup:.2f}x faster**; the largest difference between their losses: {gap:.2e}.",
+    ]
+    write_report(args.out, "likelihood", result, "\n".join(md))
+    console.print(f"wrote {args.out / 'likelihood.json'} and {args.out / 'README.md'}")
+    return result
