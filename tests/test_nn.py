@@ -38,6 +38,24 @@ def test_logits_match_merged_models_row_by_row(tiny_model):
     assert (base[0] - got[0]).abs().max() > 1e-2
 
 
+def test_a_repeated_one_row_batch_is_that_diff_on_every_row(tiny_model):
+    from metadit.nn import DiffBatch
+
+    shapes = target_shapes(tiny_model)
+    diff = random_diff(shapes, 2, 30)
+    ids = _batch(3)
+    patch_model(tiny_model)
+    one = DiffBatch.from_diffs([diff], layer_shapes(tiny_model))
+    with torch.no_grad(), use_diffs(tiny_model, one.repeated(3)):
+        got = tiny_model(ids).logits
+    with torch.no_grad(), use_diffs(tiny_model, [diff] * 3):
+        want = tiny_model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert all(f.A.shape[0] == 3 and f.A.stride(0) == 0 for f in one.repeated(3).factors.values())  # not copied
+    with pytest.raises(MetaditError, match="one-row batch"):
+        one.repeated(3).repeated(2)
+
+
 def test_generate_with_left_padding_and_kv_cache(tiny_model):
     shapes = target_shapes(tiny_model)
     diffs = [random_diff(shapes, 1, 20), None, random_diff(shapes, 4, 21)]

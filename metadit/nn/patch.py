@@ -99,6 +99,13 @@ class DiffBatch:
     def __len__(self) -> int:
         return self.n_rows
 
+    def repeated(self, n: int) -> "DiffBatch":
+        """This one-row batch as `n` rows of the same diff, the factors expanded, not copied (many rows scored under
+        one diff: likelihood ranking)."""
+        if self.n_rows != 1:
+            raise MetaditError(f"DiffBatch.repeated: needs a one-row batch, this one has {self.n_rows} rows")
+        return DiffBatch({k: RowFactors(f.A.expand(n, -1, -1), f.B.expand(n, -1, -1)) for k, f in self.factors.items()}, n)
+
     @classmethod
     def from_diffs(
         cls,

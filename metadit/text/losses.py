@@ -86,7 +86,7 @@ def prompt_answer_losses(model: Any, tok: Any, prompt: str, answers: Sequence[st
     eot = tok.convert_tokens_to_ids(end_of_turn(tok))
     device = next(model.parameters()).device
     prompt_ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=device)
-    with use_diffs(model, [diff]):
+    with use_diffs(model, [diff]) as one:  # the diff's factors, stacked once and expanded for every answer batch
         first = model(input_ids=prompt_ids, use_cache=True)
     first_logp = F.log_softmax(first.logits[0, -1].float(), dim=-1)  # predicts every answer's first token
     out: list[float] = []
@@ -98,7 +98,7 @@ def prompt_answer_losses(model: Any, tok: Any, prompt: str, answers: Sequence[st
         cache = copy.deepcopy(first.past_key_values)  # the forward below appends to it
         cache.batch_repeat_interleave(n)
         full_mask = torch.cat([torch.ones(n, prompt_ids.shape[1], dtype=mask.dtype, device=device), mask], dim=1)
-        with use_diffs(model, [diff] * n):
+        with use_diffs(model, one.repeated(n)):
             logits = model(input_ids=ids, attention_mask=full_mask, past_key_values=cache).logits
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         logp = torch.cat([first_logp[ids[:, 0]][:, None], logp], dim=1) * mask
