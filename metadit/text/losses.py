@@ -79,8 +79,8 @@ def answer_losses(model: Any, tok: Any, prompts: Sequence[str], answers: Sequenc
 def prompt_answer_losses(model: Any, tok: Any, prompt: str, answers: Sequence[str], diff: Any,
                          max_answer_tokens: int = 96, batch_size: int = 32) -> list[float]:
     """`answer_losses` of many answers to one prompt under one diff (None: no diff), the prompt run once: every
-    batch of answers reuses its keys and values. Likelihood ranking scores n labels of ~4 tokens after the same
-    ~20-token question, so this runs ~1/5 of the tokens."""
+    batch of answers (grouped by length) reuses its keys and values. Likelihood ranking scores n labels of ~4 tokens
+    after the same ~20-token question, so this runs ~1/5 of the tokens."""
     import copy
 
     eot = tok.convert_tokens_to_ids(end_of_turn(tok))
@@ -89,12 +89,13 @@ def prompt_answer_losses(model: Any, tok: Any, prompt: str, answers: Sequence[st
     with use_diffs(model, [diff]) as one:  # the diff's factors, stacked once and expanded for every answer batch
         first = model(input_ids=prompt_ids, use_cache=True)
     first_logp = F.log_softmax(first.logits[0, -1].float(), dim=-1)  # predicts every answer's first token
-    out: list[float] = []
-    for s in range(0, len(answers), batch_size):
-        seqs = [tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot]
-                for a in answers[s : s + batch_size]]
-        ids, mask, _ = right_pad(seqs, [[1.0] * len(q) for q in seqs], eot)
-        ids, mask, n = ids.to(device), mask.to(device), len(seqs)
+    seqs = [tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot] for a in answers]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of like lengths: little padding
+    out = [0.0] * len(seqs)
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        ids, mask, _ = right_pad([seqs[i] for i in rows], [[1.0] * len(seqs[i]) for i in rows], eot)
+        ids, mask, n = ids.to(device), mask.to(device), len(rows)
         cache = copy.deepcopy(first.past_key_values)  # the forward below appends to it
         cache.batch_repeat_interleave(n)
         full_mask = torch.cat([torch.ones(n, prompt_ids.shape[1], dtype=mask.dtype, device=device), mask], dim=1)
@@ -102,5 +103,6 @@ def prompt_answer_losses(model: Any, tok: Any, prompt: str, answers: Sequence[st
             logits = model(input_ids=ids, attention_mask=full_mask, past_key_values=cache).logits
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         logp = torch.cat([first_logp[ids[:, 0]][:, None], logp], dim=1) * mask
-        out += (-logp.sum(1) / mask.sum(1)).tolist()
+        for i, loss in zip(rows, (-logp.sum(1) / mask.sum(1)).tolist()):
+            out[i] = loss
     return out
