@@ -221,7 +221,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default="baseline,default", help="build: recipes to build, comma-separated")
     p.add_argument("--labels", type=int, default=160, help="likelihood: labels scored per diff (the headline holds out 160)")
     p.add_argument("--dtype", default=None, help="compute dtype (bfloat16, float32; auto: bf16 where the device computes "
-                   "it natively); default auto for core and gen, float32 for build")
+                   "it natively); default auto for core, gen and likelihood, float32 for build")
     p.add_argument("--out", type=Path, default=Path("reports/bench"), help="where <which>.json and README.md go")
 
 

@@ -513,14 +513,18 @@ def settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) -> 
     A section the bank never recorded (banks made before it existed) is not compared; `dtype` and `chat_format`,
     which `recipe_settings` leaves out at their defaults, are compared at those defaults once a bank records its
     recipe (a bank built in bf16 records no dtype, so an `auto` that resolves to fp32 on another machine reads
-    "dtype: bank bfloat16, now float32")."""
+    "dtype: bank bfloat16, now float32"; one that records the default explicitly resumes). Within a section a key
+    one side lacks differs from any value the other has, `null` included."""
+    def shown(d: dict[str, Any], k: str) -> str:
+        return json.dumps(d[k]) if k in d else "(not set)"
+
     out = []
     for section in ("recipe_args", "train"):
         if recorded.get(section) is None:
             continue
         mine, theirs = settings.get(section) or {}, recorded[section]
-        out += [f"{section}.{k}: bank {json.dumps(theirs.get(k))}, now {json.dumps(mine.get(k))}"
-                for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+        out += [f"{section}.{k}: bank {shown(theirs, k)}, now {shown(mine, k)}"
+                for k in sorted(set(mine) | set(theirs)) if (k in mine, mine.get(k)) != (k in theirs, theirs.get(k))]
     if "recipe_args" in recorded:
         for key, default in (("dtype", "bfloat16"), ("chat_format", "default")):
             if recorded.get(key, default) != settings.get(key, default):

@@ -80,10 +80,17 @@ def test_eval_runs_every_method_on_exactly_the_held_out_diffs(run_dir, tmp_path)
         assert r["scores"] == full["scores"] and r["prediction"] == full["prediction"] and r["truth"] == h.truth
         assert r["match"] == {"exact": exact_match(r["prediction"], h.truth), "names_topic": names_topic(r["prediction"], h.truth)}
         assert (r["gate_held"], r["passed"]) == (h.meta["gate_held"], h.meta["passed"])  # the strict check's verdict
-        want = {"dit": h.question(), "no_diff": h.question(), "base_question": h.question(), "likelihood": h.question(),
-                "likelihood_base": h.question(),
-                "base_question_trigger": triggered_message(h, h.question(), 0)}.get(r["method"])
-        assert r["question"] == want, r["method"]
+    # the question column is the message each row's method sent: per-phrasing methods, every phrasing once per diff
+    asked: dict[tuple[str, str], list[str | None]] = {}
+    for r in lines:
+        asked.setdefault((r["diff"], r["method"]), []).append(r["question"])
+    for (d, m), questions in asked.items():
+        h = items[(d, "topic")]
+        want = {"dit": h.questions(), "no_diff": h.questions(), "base_question": h.questions(),
+                "likelihood": h.questions(), "likelihood_base": h.questions(),
+                "base_question_trigger": [triggered_message(h, q, 0) for q in h.questions()]}.get(m, [None])
+        assert sorted(questions, key=str) == sorted(want, key=str), m
+    assert len(get_task("topic").heldout_questions) >= 2  # else the check above could not tell phrasings apart
 
 
 def test_method_predictions_equal_direct_generation(run_dir, tmp_path):

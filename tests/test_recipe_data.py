@@ -280,5 +280,8 @@ def test_settings_differences_lets_legacy_banks_resume_and_names_what_differs():
         "dtype: bank bfloat16, now float32"]
     assert settings_differences({"recipe_args": {"trigger": "zwsp"}, "train": {"lr": 0.5, "steps": 9},
                                  "dtype": "float32", "chat_format": "no_system"}, now) == [
-        'recipe_args.trigger: bank "zwsp", now "sep"', "train.lr: bank 0.5, now 0.007", "train.steps: bank 9, now null",
+        'recipe_args.trigger: bank "zwsp", now "sep"', "train.lr: bank 0.5, now 0.007", "train.steps: bank 9, now (not set)",
         "chat_format: bank no_system, now default"]
+    # a key one side lacks is not the other's null (a new setting that defaults to None still refuses old banks)
+    assert settings_differences({"recipe_args": {"trigger": "sep", "pool": None}, "train": {"lr": 0.007}, "dtype": "float32"},
+                                now) == ["recipe_args.pool: bank null, now (not set)"]

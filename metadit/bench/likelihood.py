@@ -4,11 +4,12 @@
   before session 12)
 - prompt once: the question run once, its keys and values reused for every label (`prompt_answer_losses`)
 
-Likelihood ranking (`metadit.eval.likelihood`) does this twice per held-out diff and phrasing (under the diff, and
-the adapter's prior once per phrasing), so its cost grows with (held-out diffs) x (labels). Timed interleaved; the
-largest and the median difference between the two ways' losses are reported beside the ratio: they compute the same
-numbers (to ~1e-5 in fp32: tests/test_eval.py), but in bf16 the logits are bf16 (steps of 1/16 at |logit| ~ 16), and
-shapes that differ round differently — a few labels' mean losses move by ~0.1 nats either way.
+Likelihood ranking (`metadit.eval.likelihood`) scores every label under every held-out diff, once per phrasing (the
+adapter's prior adds one such pass per phrasing), so its cost grows with (held-out diffs) x (labels); `likelihood`
+and `likelihood_base` each pay it. Timed interleaved. The largest and the median difference between the two ways'
+losses are reported beside the ratio: they compute the same numbers (to ~1e-5 in fp32: tests/test_eval.py), but in
+bf16 the two ways' different shapes round the hidden states differently, and a few labels' mean losses move by
+~0.1 nats either way.
 """
 
 from __future__ import annotations

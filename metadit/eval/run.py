@@ -11,6 +11,7 @@ verdict; what `metadit report` computes its tables from). Each finished method i
 
 from __future__ import annotations
 
+from dataclasses import replace
 import hashlib
 import json
 import time
@@ -338,7 +339,11 @@ def _complete(rows: list[dict[str, Any]], by_item: dict[tuple[str, str], HeldOut
     evaluation): the question the method asked, the match columns, the strict gate verdict."""
     for r in rows:
         h = by_item[(r["diff"], r["task"])]
-        r["question"] = get_method(r["method"]).question(h, seed)
+        method = get_method(r["method"])
+        asked = (r.get("extra") or {}).get("question")  # a per-phrasing method's row: the phrasing it asked
+        if method.per_phrasing and asked in h.questions():
+            h = replace(h, phrasing=h.questions().index(asked))
+        r["question"] = method.question(h, seed)
         r["match"] = match_columns(r["prediction"], r["truth"])
         r.update(gate_verdict(h.meta))
 
