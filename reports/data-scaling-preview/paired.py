@@ -13,7 +13,7 @@ def per_diff(entry, method, key):
 top1 = lambda r: float(r["match"]["exact"])
 for name, key in (("top-1", top1),):
     a = per_diff("n112", "likelihood", key); b = per_diff("n112", "likelihood_base", key); c = per_diff("n48", "likelihood", key)
-    ds = sorted(a)
+    ds = list(a)  # first-seen order, as the report resamples them
     for lab, other in (("likelihood n112 - likelihood_base", b), ("likelihood n112 - likelihood n48", c), ("likelihood n48 - likelihood_base", b)):
         first = a if "n112 -" in lab else c
         print(name, lab, len(ds), paired_bootstrap([first[d] for d in ds], [other[d] for d in ds]))
