@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def run_record(name: str, what: str) -> dict[str, Any]:
+    """The keys every benchmark's JSON starts with: which one, what it measured, the command as typed, the code that
+    ran and the machine."""
+    from metadit.provenance import git_commit, machine
+
+    command = "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else f"metadit bench {name}"
+    return {"benchmark": name, "what": what, "command": command, "commit": git_commit(), "machine": machine()}
 
 
 def interleaved(variants: dict[str, Callable[[], None]], steps: int, warmup: int = 2,

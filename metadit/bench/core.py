@@ -14,14 +14,12 @@ its per-row ΔW (kept for the backward pass) would not fit in the device's free 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from metadit.bench.common import available_bytes, bench_model, device_name, interleaved, median, write_report
-from metadit.provenance import git_commit, machine
+from metadit.bench.common import available_bytes, bench_model, device_name, interleaved, median, run_record, write_report
 from metadit.models import resolve_dtype
 from metadit.nn import DiffBatch, DiffLinear, add_adapter, dense_row_delta, factored_row_delta, layer_shapes, patch_model, use_diffs
 from metadit.bank import LoraDiff
@@ -93,17 +91,13 @@ def bench_core(args: argparse.Namespace) -> dict:
         ratios["factored_over_dense"] = tps["factored"] / tps["dense"]
     targets = {k: v for k, v in {"factored_over_no_diff": 0.9, "factored_over_dense": 1.5}.items() if k in ratios}
     result = {
-        "benchmark": "core",
-        "what": f"one DIT training step (forward + backward, shared rank-16 adapter trainable, {dtype_name}), "
-                f"{args.rows} rows x {args.tokens} tokens, {args.rows} different rank-1 diffs",
-        "command": "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else "metadit bench core",
-        "commit": git_commit(),
+        **run_record("core", f"one DIT training step (forward + backward, shared rank-16 adapter trainable, "
+                             f"{dtype_name}), {args.rows} rows x {args.tokens} tokens, {args.rows} different rank-1 diffs"),
         "model": model_name,
         "random_weights": bool(getattr(args, "model_config", None)),
         "layers": model.config.num_hidden_layers,
         "device": device_name(device),
         "dtype": dtype_name,
-        "machine": machine(),
         "seconds_per_step": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

@@ -21,7 +21,6 @@ import argparse
 import math
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from metadit.bench.common import matmul_peak, median, write_report
-from metadit.provenance import git_commit, machine
+from metadit.bench.common import matmul_peak, median, run_record, write_report
 
 
 def _linear_params(model) -> tuple[int, int]:
@@ -224,13 +222,10 @@ def bench_gen(args: argparse.Namespace) -> dict:
     h100 = h100_estimate()
     rows_kind = "random tokens in the recipe's shape and mix" if tok is None else "the recipe's own text"
     result = {
-        "benchmark": "gen",
-        "what": f"hidden-topic recipe (rank 1, 200 samples per diff, KL negatives; {rows_kind}), {model_name} "
-                f"{dtype_name}; diffs/hour",
-        "command": "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else "metadit bench gen",
-        "commit": git_commit(), "model": model_name, "random_weights": tok is None,
+        **run_record("gen", f"hidden-topic recipe (rank 1, 200 samples per diff, KL negatives; {rows_kind}), "
+                            f"{model_name} {dtype_name}; diffs/hour"),
+        "model": model_name, "random_weights": tok is None,
         "layers": model.config.num_hidden_layers, "device": device_name(device), "dtype": dtype_name,
-        "machine": machine(),
         f"{dtype_name}_matmul_peak_tflops": round(peak / 1e12, 3), "peft_overhead_seconds_per_diff": round(overhead, 2),
         "variants": rows, "best_batched": best, "batched_over_peft": round(ratio, 3),
         "targets": {"batched_over_peft": 1.2, "fraction_of_peak": 0.5},

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from metadit.bank import LoraDiff
-from metadit.bench.common import device_name, interleaved, matmul_peak, median, write_report
+from metadit.bench.common import device_name, interleaved, matmul_peak, median, run_record, write_report
 from metadit.errors import MetaditError
 from metadit.models import load_base_model, resolve_dtype
 from metadit.nn import add_adapter, layer_shapes, patch_model
-from metadit.provenance import git_commit, machine
 from metadit.text import answer_losses, chat_prompt, prompt_answer_losses
 
 TOPICS = Path(__file__).resolve().parents[2] / "data_gen" / "data" / "topics.json"
@@ -81,15 +79,11 @@ def bench_likelihood(args: argparse.Namespace) -> dict:
     gap, typical = max(gaps), median(gaps)
     speedup = median(times["whole rows"]) / median(times["prompt once"])
     result = {
-        "benchmark": "likelihood",
-        "what": f"one diff's mean answer loss for {len(labels)} topic labels after the held-out question "
-                f"({dtype_name}, shared rank-16 adapter on, batches of {batch})",
-        "command": "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else "metadit bench likelihood",
-        "commit": git_commit(),
+        **run_record("likelihood", f"one diff's mean answer loss for {len(labels)} topic labels after the held-out "
+                                   f"question ({dtype_name}, shared rank-16 adapter on, batches of {batch})"),
         "model": args.model,
         "device": device_name(device),
         "dtype": dtype_name,
-        "machine": machine(),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "speedup": round(speedup, 3),
