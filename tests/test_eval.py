@@ -445,7 +445,7 @@ def test_the_demo_runs_its_steps_on_the_tiny_model(run_dir, tmp_path):
     demo_topics = {t for ts in json.loads((ROOT / "data_gen/data/demo_topics.json").read_text()).values() for t in ts}
     assert len(bank) == 16 and {bank.meta(i)["topic"] for i in range(16)} <= demo_topics
     shipped = json.loads((tmp_path / "runs" / "shipped-eval" / "eval.json").read_text())
-    assert {r["method"] for r in shipped["rows"]} == {"dit", "no_diff", "base_question"}
+    assert {r["method"] for r in shipped["rows"]} == {"dit", "no_diff", "base_question", "likelihood", "likelihood_base"}
     assert {r["index"] for r in shipped["rows"]} == set(range(16))  # no demo topic is in the adapter's split
     assert re.search(r"DIT (beats|does not beat|is worse than) no_diff", done.stdout + done.stderr)  # said in words
     own = json.loads((tmp_path / "runs" / "lightning_logs" / "demo" / "eval" / "eval.json").read_text())
