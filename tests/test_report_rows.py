@@ -176,6 +176,18 @@ def test_report_inside_a_study_folder_indexes_in_the_reports_index_not_the_study
     assert "| [headline-again/](headline/again/README.md) |" in index and "| [headline/](headline/README.md) |" in index
 
 
+def test_an_index_far_above_the_report_is_not_edited(tmp_path):
+    """An index more than three folders up (another run's, left in /tmp) is not this report's: it starts its own."""
+    from metadit.eval.report import report_index
+
+    far = tmp_path / "README.md"
+    far.write_text("# Reports\n")
+    out = tmp_path / "a" / "b" / "reports" / "headline"
+    assert report_index(out) == out.parent / "README.md"
+    assert report_index(tmp_path / "b" / "reports" / "headline") == far  # three up: still found
+    assert report_index(tmp_path / "reports" / "headline" / "part") == far
+
+
 def test_report_rebuilds_tables_json_and_plots_byte_identical_from_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/sweeps/headline here: the default reads the gathered rows
     study = _study(tmp_path / "sweeps")

@@ -691,13 +691,15 @@ def _search_markdown(table: list[dict[str, Any]]) -> str:
 
 
 INDEX_TITLE = "# Reports"
+INDEX_DEPTH = 3  # reports/STUDY and reports/STUDY/PART index in reports/
 
 
 def report_index(out: Path) -> Path:
-    """The reports index a study's line goes in: the nearest folder above OUT whose README.md is an index (it
-    starts with `# Reports`), else OUT/../README.md (created as an index). A study's own README.md is never
-    taken for the index: OUT inside a study's folder (reports/trigger-inversion/open-vocab) indexes in reports/."""
-    for folder in out.resolve().parents:
+    """The reports index a study's line goes in: the nearest of the three folders above OUT whose README.md is an
+    index (it starts with `# Reports`), else OUT/../README.md (created as an index). A study's own README.md is never
+    taken for the index: OUT inside a study's folder (reports/trigger-inversion/open-vocab) indexes in reports/. No
+    higher: a report written under /tmp/x must not edit an index some other run left in /tmp."""
+    for folder in out.resolve().parents[:INDEX_DEPTH]:
         readme = folder / "README.md"
         if readme.is_file() and readme.read_text().startswith(INDEX_TITLE):
             return readme
@@ -801,7 +803,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "OUT/rows.jsonl, with sources.json beside it) instead of gathering them again; the default when "
                    "neither --sweep-dir nor --eval is given and runs/sweeps/STUDY does not exist but OUT/rows.jsonl does")
     p.add_argument("--out", type=Path, help="where rows.jsonl, sources.json, results.json, README.md and plots go "
-                   "(default reports/STUDY); the index is the nearest README.md above OUT that starts with '# Reports', "
+                   "(default reports/STUDY); the index is the nearest README.md up to three folders above OUT that starts with '# Reports', "
                    "else OUT/../README.md")
 
 
