@@ -803,8 +803,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "OUT/rows.jsonl, with sources.json beside it) instead of gathering them again; the default when "
                    "neither --sweep-dir nor --eval is given and runs/sweeps/STUDY does not exist but OUT/rows.jsonl does")
     p.add_argument("--out", type=Path, help="where rows.jsonl, sources.json, results.json, README.md and plots go "
-                   "(default reports/STUDY); the index is the nearest README.md up to three folders above OUT that starts with '# Reports', "
-                   "else OUT/../README.md")
+                   "(default reports/STUDY); the index is the nearest README.md up to three folders above OUT that "
+                   "starts with '# Reports', else OUT/../README.md")
 
 
 def main(args: argparse.Namespace) -> int:
