@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from metadit.bank import LoraDiff
+
 
 def run_record(name: str, what: str) -> dict[str, Any]:
     """The keys every benchmark's JSON starts with: which one, what it measured, the command as typed, the code that
@@ -20,6 +22,17 @@ def run_record(name: str, what: str) -> dict[str, Any]:
 
     command = "metadit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("metadit") else f"metadit bench {name}"
     return {"benchmark": name, "what": what, "command": command, "commit": git_commit(), "machine": machine()}
+
+
+def rank1_diffs(shapes: dict[str, tuple[int, int]], k: int, seed: int = 0) -> list[LoraDiff]:
+    """`k` random rank-1 diffs of a diff bank's scale for every layer in `shapes` (timing needs no trained ones)."""
+    g = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(k):
+        A = {n: torch.randn(1, i, generator=g) / i**0.5 for n, (i, o) in shapes.items()}
+        B = {n: torch.randn(o, 1, generator=g) * 0.01 for n, (i, o) in shapes.items()}
+        diffs.append(LoraDiff(A, B, {n: 1.0 for n in shapes}))
+    return diffs
 
 
 def interleaved(variants: dict[str, Callable[[], None]], steps: int, warmup: int = 2,

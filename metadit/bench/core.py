@@ -19,20 +19,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from metadit.bench.common import available_bytes, bench_model, device_name, interleaved, median, run_record, write_report
+from metadit.bench.common import (
+    available_bytes, bench_model, device_name, interleaved, median, rank1_diffs, run_record, write_report,
+)
 from metadit.models import resolve_dtype
 from metadit.nn import DiffBatch, DiffLinear, add_adapter, dense_row_delta, factored_row_delta, layer_shapes, patch_model, use_diffs
-from metadit.bank import LoraDiff
-
-
-def _rank1_diffs(shapes: dict[str, tuple[int, int]], k: int, seed: int = 0) -> list[LoraDiff]:
-    g = torch.Generator().manual_seed(seed)
-    diffs = []
-    for _ in range(k):
-        A = {n: torch.randn(1, i, generator=g) / i**0.5 for n, (i, o) in shapes.items()}
-        B = {n: torch.randn(o, 1, generator=g) * 0.01 for n, (i, o) in shapes.items()}
-        diffs.append(LoraDiff(A, B, {n: 1.0 for n in shapes}))
-    return diffs
 
 
 def dense_bytes(shapes: dict[str, tuple[int, int]], rows: int, dtype: torch.dtype) -> int:
@@ -52,7 +43,7 @@ def bench_core(args: argparse.Namespace) -> dict:
         for p in params[1::2]:
             p.normal_(std=0.01)  # a trained adapter, not the zero init
     shapes = layer_shapes(model)
-    batch = DiffBatch.from_diffs(_rank1_diffs(shapes, args.rows), shapes, dtype=dtype, device=device)
+    batch = DiffBatch.from_diffs(rank1_diffs(shapes, args.rows), shapes, dtype=dtype, device=device)
     ids = torch.randint(0, model.config.vocab_size, (args.rows, args.tokens),
                         generator=torch.Generator().manual_seed(1)).to(device)
 

@@ -21,21 +21,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from metadit.bank import LoraDiff
-from metadit.bench.common import device_name, interleaved, matmul_peak, median, run_record, write_report
+from metadit.bench.common import device_name, interleaved, matmul_peak, median, rank1_diffs, run_record, write_report
 from metadit.errors import MetaditError
 from metadit.models import load_base_model, resolve_dtype
 from metadit.nn import add_adapter, layer_shapes, patch_model
 from metadit.text import answer_losses, chat_prompt, prompt_answer_losses
 
 TOPICS = Path(__file__).resolve().parents[2] / "data_gen" / "data" / "topics.json"
-
-
-def _rank1_diff(shapes: dict[str, tuple[int, int]], seed: int = 0) -> LoraDiff:
-    g = torch.Generator().manual_seed(seed)
-    A = {n: torch.randn(1, i, generator=g) / i**0.5 for n, (i, o) in shapes.items()}
-    B = {n: torch.randn(o, 1, generator=g) * 0.01 for n, (i, o) in shapes.items()}
-    return LoraDiff(A, B, {n: 1.0 for n in shapes})
 
 
 def bench_likelihood(args: argparse.Namespace) -> dict:
@@ -54,7 +46,7 @@ def bench_likelihood(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for p in add_adapter(model, rank=16, seed=0)[1::2]:
             p.normal_(std=0.01)  # a trained adapter, not the zero init
-    diff = _rank1_diff(layer_shapes(model))
+    diff = rank1_diffs(layer_shapes(model), 1)[0]
     topics = [t for group in json.loads(TOPICS.read_text()).values() for t in group]
     labels = (topics * (args.labels // len(topics) + 1))[: args.labels]
     prompt = chat_prompt(tok, [{"role": "user", "content": get_task("topic").heldout_questions[0]}])

@@ -11,10 +11,10 @@ verdict; what `metadit report` computes its tables from). Each finished method i
 
 from __future__ import annotations
 
-from dataclasses import replace
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -341,8 +341,9 @@ def _complete(rows: list[dict[str, Any]], by_item: dict[tuple[str, str], HeldOut
         h = by_item[(r["diff"], r["task"])]
         method = get_method(r["method"])
         asked = (r.get("extra") or {}).get("question")  # a per-phrasing method's row: the phrasing it asked
-        if method.per_phrasing and asked in h.questions():
-            h = replace(h, phrasing=h.questions().index(asked))
+        phrasings = h.questions() if method.per_phrasing else []
+        if asked in phrasings:
+            h = replace(h, phrasing=phrasings.index(asked))
         r["question"] = method.question(h, seed)
         r["match"] = match_columns(r["prediction"], r["truth"])
         r.update(gate_verdict(h.meta))

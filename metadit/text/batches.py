@@ -10,6 +10,11 @@ import torch
 from metadit.text.prompts import end_of_turn
 
 
+def answer_ids(tok: Any, answer: str, max_answer_tokens: int, eot: int) -> list[int]:
+    """An answer's scored tokens: its first `max_answer_tokens`, then the end-of-turn token (trained and scored too)."""
+    return tok(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot]
+
+
 def encode_samples(tok: Any, prompts: Sequence[str], answers: Sequence[str], max_answer_tokens: int,
                    first_token_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and per-token loss `weights` (answer tokens only).
@@ -20,7 +25,7 @@ def encode_samples(tok: Any, prompts: Sequence[str], answers: Sequence[str], max
     seqs, weights = [], []
     for p, a in zip(prompts, answers):
         p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        a_ids = tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot]
+        a_ids = answer_ids(tok, a, max_answer_tokens, eot)
         seqs.append(p_ids + a_ids)
         w = [0.0] * len(p_ids) + [1.0] * len(a_ids)
         w[len(p_ids)] = first_token_weight

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from metadit.nn import use_diffs
-from metadit.text.batches import encode_samples, right_pad
+from metadit.text.batches import answer_ids, encode_samples, right_pad
 from metadit.text.prompts import end_of_turn
 
 
@@ -89,7 +89,7 @@ def prompt_answer_losses(model: Any, tok: Any, prompt: str, answers: Sequence[st
     with use_diffs(model, [diff]) as one:  # the diff's factors, stacked once and expanded for every answer batch
         first = model(input_ids=prompt_ids, use_cache=True)
     first_logp = F.log_softmax(first.logits[0, -1].float(), dim=-1)  # predicts every answer's first token
-    seqs = [tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eot] for a in answers]
+    seqs = [answer_ids(tok, a, max_answer_tokens, eot) for a in answers]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of like lengths: little padding
     out = [0.0] * len(seqs)
     for s in range(0, len(order), batch_size):
